@@ -1,0 +1,148 @@
+"""The Mistral transformer, pure torch: RMSNorm, RoPE, grouped-query sliding-window attention, SwiGLU.
+
+One forward for every caller: a packed, variable-length batch without padding,
+`forward(input_ids[T], seqlens, cache) -> logits[T, vocab]`. Parameter names are those of the
+reference `consolidated.safetensors`, so a reference state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .cache import KVCache, StepPlan, plan_without_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype, as the reference does.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, 1, head_dim/2] in fp32 (computed per step: no table to outgrow)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated in interleaved pairs (x[2i], x[2i+1]), as the reference does."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def _to_padded(x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    """Packed [T, heads, head_dim] -> padded [B, heads, L, head_dim]."""
+    if plan.pad_index is not None:
+        padded = x.new_zeros(plan.batch * plan.length, *x.shape[1:])
+        x = padded.index_copy_(0, plan.pad_index, x)
+    return x.view(plan.batch, plan.length, *x.shape[1:]).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: StepPlan,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        T = x.shape[0]
+        q = apply_rope(self.wq(x).view(T, self.n_heads, self.head_dim), *rope)  # [T, H, hd]
+        k = apply_rope(self.wk(x).view(T, self.n_kv_heads, self.head_dim), *rope)  # [T, Hkv, hd]
+        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
+
+        qp, kp, vp = _to_padded(q, plan), _to_padded(k, plan), _to_padded(v, plan)  # [B, heads, L, hd]
+        if cache is not None:
+            cached_k, cached_v = cache.keys_values(layer, plan)  # [B, S, Hkv, hd]
+            kp = torch.cat([cached_k.transpose(1, 2).to(kp.dtype), kp], dim=2)  # [B, Hkv, S+L, hd]
+            vp = torch.cat([cached_v.transpose(1, 2).to(vp.dtype), vp], dim=2)
+            cache.write(layer, plan, k, v)  # after reading: the mask refers to the old slots
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask,
+                                             is_causal=plan.mask is None and qp.shape[2] > 1, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(plan.batch * plan.length, -1)  # [B*L, H*hd]
+        if plan.pad_index is not None:
+            out = out[plan.pad_index]
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, rope, plan, cache, layer):
+        h = x + self.attention(self.attention_norm(x), rope, plan, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
+        """A KV cache in this model's dtype and device (W slots per sequence for windowed models)."""
+        return KVCache(self.args, max_seqs, max_len, dtype=self.dtype, device=self.device)
+
+    def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None = None,
+                *, rows: list[int] | None = None) -> torch.Tensor:
+        """input_ids [T] (sequences packed back to back, len(seqlens) of them) -> logits [T, vocab] fp32.
+
+        With a cache, the tokens continue the sequences held in cache rows `rows` (default 0..B-1)
+        and their keys/values are appended; without one, each sequence starts at position 0.
+        """
+        if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
+            raise ValueError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
+        if cache is None:
+            plan = plan_without_cache(seqlens, self.args.sliding_window, input_ids.device)
+        else:
+            plan = cache.plan(seqlens, rows)
+        rope = rope_cos_sin(plan.positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(input_ids)  # [T, dim]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, plan, cache, i)
+        if cache is not None:
+            cache.commit(plan, seqlens, rows)
+        return self.output(self.norm(h)).float()

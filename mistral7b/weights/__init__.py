@@ -1,0 +1,63 @@
+"""Checkpoint formats: `load(path)` detects which one a path holds; `save(model, path, format)`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError
+from ..model import Transformer
+from . import hf, reference
+from .common import build_model
+
+FORMATS = ("reference", "hf")
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if reference.is_reference(path):
+        return "reference"
+    if hf.is_hf(path):
+        return "hf"
+    raise CheckpointError(f"{path}: not a checkpoint (expected a folder with params.json + consolidated.safetensors, "
+                          "or config.json + model.safetensors)")
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+    return names[dtype]
+
+
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+         device: torch.device | str | None = None, progress: bool | None = None) -> Transformer:
+    """Load a checkpoint of any supported format. dtype: keep the file's when None.
+
+    Tensors are read one at a time (memory-mapped) into a model created on the meta device, so
+    peak memory is about one copy of the weights. `progress` shows a bar (default: files > 1 GB).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    module = reference if fmt == "reference" else hf
+    args = module.read_args(path)
+    files = module.weight_files(path)
+    tensors = reference.read_tensors(path) if fmt == "reference" else hf.read_tensors(path, args)
+    total = sum(f.stat().st_size for f in files)
+    show = progress if progress is not None else total > 2**30
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not show) as bar:
+        return build_model(args, tensors, source=path, dtype=_parse_dtype(dtype), device=device, progress=bar.update)
+
+
+def save(model: Transformer, path: str | os.PathLike, format: str = "reference") -> None:
+    """Write `model` as a reference folder (params.json + consolidated.safetensors) or an HF folder."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    (reference.save if format == "reference" else hf.save)(model, Path(path))

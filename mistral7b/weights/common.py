@@ -1,0 +1,74 @@
+"""What every checkpoint format shares: building the model on the meta device and filling it
+tensor by tensor, with errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..args import ModelArgs
+from ..errors import CheckpointError
+from ..model import Transformer
+
+# (name in our model, tensor) pairs; each loader yields them lazily so only one tensor is
+# materialised at a time beside the model being filled.
+NamedTensors = Iterator[tuple[str, torch.Tensor]]
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()
+            if not (args.tied_embeddings and name == "output.weight")}
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) from safetensors files, one tensor at a time (memory-mapped)."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), file
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot be read ({e})") from None
+
+
+def build_model(args: ModelArgs, tensors: NamedTensors, *, source: Path, dtype: torch.dtype | None,
+                device: torch.device | str | None, progress: Callable[[int], None] | None = None) -> Transformer:
+    """Create the model without allocating (meta device), then assign each checkpoint tensor,
+    converted to `dtype`/`device`, checking names and shapes against `args`."""
+    shapes = expected_shapes(args)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if name not in shapes:
+            if args.tied_embeddings and name == "output.weight":
+                continue
+            raise CheckpointError(f"{source}: unexpected tensor '{name}' (not part of a model with this config)")
+        if tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                                  f"but the config implies {shapes[name]}")
+        if name in state:
+            raise CheckpointError(f"{source}: tensor '{name}' appears twice")
+        target_dtype = dtype or (tensor.dtype if tensor.is_floating_point() else torch.float32)
+        state[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
+        if progress:
+            progress(tensor.numel() * tensor.element_size())
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{source}: missing tensor(s) {shown}")
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1:  # mixed-precision files: bring everything to the widest float type present
+        widest = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
+        state = {k: v.to(widest) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tied_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
