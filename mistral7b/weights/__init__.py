@@ -13,7 +13,9 @@ from ..model import Transformer
 from . import hf, reference
 from .common import build_model
 
-FORMATS = ("reference", "hf")
+FORMATS = ("reference", "hf")  # formats we write; we read these and GGUF
+# Each reader module offers read_args(path), weight_files(path) and read_tensors(path, args).
+_READERS = {"reference": reference, "hf": hf}
 
 
 def detect_format(path: Path) -> str:
@@ -46,10 +48,10 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
     """
     path = Path(path)
     fmt = detect_format(path)
-    module = reference if fmt == "reference" else hf
+    module = _READERS[fmt]
     args = module.read_args(path)
     files = module.weight_files(path)
-    tensors = reference.read_tensors(path) if fmt == "reference" else hf.read_tensors(path, args)
+    tensors = module.read_tensors(path, args)
     total = sum(f.stat().st_size for f in files)
     show = progress if progress is not None else total > 2**30
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not show) as bar:

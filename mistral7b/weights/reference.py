@@ -37,7 +37,7 @@ def read_args(path: Path) -> ModelArgs:
     return ModelArgs.from_file(path / "params.json")
 
 
-def read_tensors(path: Path) -> NamedTensors:
+def read_tensors(path: Path, args: ModelArgs) -> NamedTensors:
     files = weight_files(path)
     if files[0].suffix == ".safetensors":
         for name, tensor, _ in iter_safetensors(files):
