@@ -105,9 +105,11 @@ def config_from_args(args: ModelArgs) -> dict[str, Any]:
         "num_key_value_heads": args.n_kv_heads, "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
         # Both spellings: transformers >= 5 reads rope_parameters, older tools read rope_theta.
         "rope_theta": args.rope_theta, "rope_parameters": {"rope_theta": args.rope_theta, "rope_type": "default"},
-        "sliding_window": args.sliding_window, "max_position_embeddings": args.max_seq_len or 32768,
+        "sliding_window": args.sliding_window,
         "tie_word_embeddings": args.tied_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
         "bos_token_id": 1, "eos_token_id": 2,
+        # Left out when unknown, so that reading the folder back gives the same ModelArgs.
+        **({"max_position_embeddings": args.max_seq_len} if args.max_seq_len else {}),
     }
 
 
