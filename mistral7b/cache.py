@@ -114,6 +114,15 @@ class KVCache:
             self.slot_pos[row] = -1
             self.lengths[row] = 0
 
+    def truncate(self, row: int, length: int) -> bool:
+        """Forget a sequence's positions >= length (to re-feed a changed tail). Impossible once the
+        rolling buffer has evicted anything (the earlier keys are gone): returns False then."""
+        if self.lengths[row] > self.slots or length > self.lengths[row]:
+            return False
+        self.slot_pos[row].masked_fill_(self.slot_pos[row] >= length, -1)
+        self.lengths[row] = length
+        return True
+
     def plan(self, seqlens: list[int], rows: list[int] | None = None) -> StepPlan:
         """Plan a step that appends seqlens[i] tokens to sequence rows[i] (rows default to 0..B-1)."""
         _check_seqlens(seqlens)

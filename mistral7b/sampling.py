@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -32,3 +34,18 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return order.gather(-1, choice).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class SamplingParams:
+    """What a caller asks of one completion."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (text level); stop token ids come from the tokenizer
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_p, self.top_k)

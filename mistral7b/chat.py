@@ -1,0 +1,72 @@
+"""A multi-turn chat that keeps its KV cache between turns.
+
+Each turn encodes the whole conversation with the model's chat format (so the format stays the
+tokenizer's business), then feeds only the tokens after the longest prefix already in the cache.
+If an earlier part changed (an assistant answer re-tokenised differently), the cache is cut back to
+the common prefix, or rebuilt when the rolling buffer has already evicted what that would need.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .completion import CompletionStream
+from .model import Transformer
+from .sampling import SamplingParams
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    def __init__(self, model: Transformer, tokenizer, params: SamplingParams, *, system: str | None = None,
+                 max_len: int | None = None, chunk_size: int | None = None):
+        self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
+        self.chunk_size = chunk_size
+        self.cache = model.new_cache(1, max_len or model.args.max_seq_len or 8192)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new conversation (the system prompt stays)."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.fed: list[int] = []  # token ids whose keys/values the cache holds, in order
+        self.cache.reset()
+        self.last: CompletionStream | None = None
+
+    def _reuse_cache(self, ids: list[int]) -> list[int]:
+        """Make the cache hold a prefix of `ids`; return the tokens still to feed (at least one)."""
+        keep = min(_common_prefix(self.fed, ids), len(ids) - 1)
+        if keep < len(self.fed) and not self.cache.truncate(0, keep):
+            self.cache.reset()
+            keep = 0
+        self.fed = ids[:keep]
+        return ids[keep:]
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add a user turn and stream the assistant's answer. Interrupting the stream (Ctrl-C) keeps
+        the partial answer in the conversation."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.tokenizer.encode_chat(self.messages)
+        new = self._reuse_cache(ids)
+        completion = CompletionStream(self.model, self.tokenizer, new, self.params, chunk_size=self.chunk_size,
+                                      cache=self.cache)
+        self.last = completion
+        interrupted = False
+        try:
+            yield from completion
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            if interrupted:  # it may have landed inside a forward that wrote some layers only
+                self.cache.reset()
+                self.fed = []
+            else:  # finished, or the caller stopped reading between tokens: the cache is consistent
+                self.fed = ids + completion.fed_tokens
+            self.messages.append({"role": "assistant", "content": completion.text})

