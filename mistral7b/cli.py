@@ -135,6 +135,8 @@ def _run_generate(args) -> None:
     params = _params(args)
     if args.prompt_ids and args.prompts:
         raise InputError("give either PROMPT text or --prompt-ids, not both")
+    if args.prompt_ids and args.chat:
+        raise InputError("--chat needs PROMPT text, not --prompt-ids")
     texts = args.prompts
     if not texts and not args.prompt_ids:
         if sys.stdin.isatty():
@@ -142,16 +144,16 @@ def _run_generate(args) -> None:
         texts = [sys.stdin.read()]
     if any(not t.strip() for t in texts):
         raise InputError("the prompt is empty; give some text to continue")
-    model, tokenizer = _load(args, need_tokenizer=not args.prompt_ids)
     if args.prompt_ids:
         try:
             prompts = [[int(x) for x in args.prompt_ids.split(",") if x.strip()]]
         except ValueError:
             raise InputError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    elif args.chat:
-        system = [{"role": "system", "content": args.system}] if args.system else []
+    model, tokenizer = _load(args, need_tokenizer=not args.prompt_ids)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.chat:
         prompts = [tokenizer.encode_chat(system + [{"role": "user", "content": t}]) for t in texts]
-    else:
+    elif texts:
         prompts = [tokenizer.encode(t, bos=not args.no_bos) for t in texts]
     for prompt in prompts:
         completion = CompletionStream(model, tokenizer, prompt, params, chunk_size=args.chunk_size)
