@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from .completion import CompletionStream
+from .engine import Engine
 from .model import Transformer
 from .sampling import SamplingParams
 
@@ -27,9 +28,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class ChatSession:
     def __init__(self, model: Transformer, tokenizer, params: SamplingParams, *, system: str | None = None,
                  max_len: int | None = None, chunk_size: int | None = None):
-        self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
-        self.chunk_size = chunk_size
-        self.cache = model.new_cache(1, max_len or model.args.max_seq_len or 8192)
+        self.tokenizer, self.params, self.system = tokenizer, params, system
+        self.engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max_len, chunk_size=chunk_size)
+        self.cache = self.engine.cache
+        self.row = self.engine.reserve_row()  # the conversation's sequence, kept between turns
         self.reset()
 
     def reset(self) -> None:
@@ -42,31 +44,34 @@ class ChatSession:
     def _reuse_cache(self, ids: list[int]) -> list[int]:
         """Make the cache hold a prefix of `ids`; return the tokens still to feed (at least one)."""
         keep = min(_common_prefix(self.fed, ids), len(ids) - 1)
-        if keep < len(self.fed) and not self.cache.truncate(0, keep):
-            self.cache.reset()
+        if keep < len(self.fed) and not self.cache.truncate(self.row, keep):
+            self.cache.reset([self.row])
             keep = 0
         self.fed = ids[:keep]
         return ids[keep:]
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer. Interrupting the stream (Ctrl-C) keeps
-        the partial answer in the conversation."""
+        the partial answer in the conversation; an error before any answer drops the turn."""
         self.messages.append({"role": "user", "content": text})
         ids = self.tokenizer.encode_chat(self.messages)
         new = self._reuse_cache(ids)
-        completion = CompletionStream(self.model, self.tokenizer, new, self.params, chunk_size=self.chunk_size,
-                                      cache=self.cache)
+        completion = CompletionStream(self.engine, new, self.params, row=self.row)
         self.last = completion
-        interrupted = False
+        consistent = False  # does the cache row hold exactly ids + fed_tokens afterwards?
         try:
             yield from completion
-        except KeyboardInterrupt:
-            interrupted = True
+            consistent = True
+        except GeneratorExit:  # the caller stopped reading between tokens: nothing was half-done
+            consistent = True
             raise
         finally:
-            if interrupted:  # it may have landed inside a forward that wrote some layers only
-                self.cache.reset()
-                self.fed = []
-            else:  # finished, or the caller stopped reading between tokens: the cache is consistent
+            if consistent:
                 self.fed = ids + completion.fed_tokens
-            self.messages.append({"role": "assistant", "content": completion.text})
+            else:  # an exception may have landed inside a forward that wrote some layers only
+                self.cache.reset([self.row])
+                self.fed = []
+            if completion.tokens:
+                self.messages.append({"role": "assistant", "content": completion.text})
+            else:
+                self.messages.pop()

@@ -131,6 +131,7 @@ def _stats(completion) -> str:
 
 def _run_generate(args) -> None:
     from .completion import CompletionStream
+    from .engine import Engine
 
     params = _params(args)
     if args.prompt_ids and args.prompts:
@@ -155,8 +156,10 @@ def _run_generate(args) -> None:
         prompts = [tokenizer.encode_chat(system + [{"role": "user", "content": t}]) for t in texts]
     elif texts:
         prompts = [tokenizer.encode(t, bos=not args.no_bos) for t in texts]
+    engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max(map(len, prompts)) + params.max_tokens,
+                    chunk_size=args.chunk_size)
     for prompt in prompts:
-        completion = CompletionStream(model, tokenizer, prompt, params, chunk_size=args.chunk_size)
+        completion = CompletionStream(engine, prompt, params)
         for piece in completion:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -203,6 +206,9 @@ def _run_chat(args) -> None:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+        except Mistral7BError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
+            print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(_stats(session.last), file=sys.stderr)

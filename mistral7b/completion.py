@@ -1,7 +1,6 @@
-"""Streaming text completions: token ids in, text pieces out, with stop tokens and stop strings.
+"""Streaming one text completion through the engine: token ids in, text pieces out.
 
-Shared by the `generate` and `chat` commands (and the chat session), so streaming, stopping and
-timing behave the same everywhere.
+Shared by the `generate` and `chat` commands, so streaming, stopping and timing behave the same.
 """
 
 from __future__ import annotations
@@ -9,28 +8,24 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from .cache import KVCache
-from .generate import stream_tokens
-from .model import Transformer
+from .engine import Engine, Request
 from .sampling import SamplingParams
-from .streaming import StopStrings
 
 
 class CompletionStream:
-    """Iterate to get text pieces as they are generated; afterwards `tokens`, `text`,
-    `finish_reason` ("stop" or "length") and timings describe the completion.
+    """Iterate to get text pieces as they are generated; afterwards `tokens` (every sampled id, a
+    stop token included), `text`, `finish_reason` ("stop" or "length") and timings describe it.
 
-    `tokens` holds every sampled id, the stop token included; the last one has not been fed through
-    the model (its K/V are not in the cache), so `fed_tokens` are all but the last.
+    `row`: continue the sequence held in that reserved cache row (a chat turn). The last sampled
+    token is never fed through the model, so the row then holds the prompt and `fed_tokens`.
     """
 
-    def __init__(self, model: Transformer, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
-                 chunk_size: int | None = None, cache: KVCache | None = None, row: int = 0):
-        self.model, self.tokenizer, self.prompt_ids, self.params = model, tokenizer, prompt_ids, params
-        self.chunk_size, self.cache, self.row = chunk_size, cache, row
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, *, row: int | None = None):
+        self.engine = engine
+        self.request = Request(list(prompt_ids), params, row=row)
         self.tokens: list[int] = []
         self.text = ""
-        self.finish_reason = "length"
+        self.finish_reason: str | None = None
         self.prompt_seconds = self.decode_seconds = 0.0
 
     @property
@@ -39,39 +34,27 @@ class CompletionStream:
 
     @property
     def tokens_per_second(self) -> float:
-        return (len(self.tokens) - 1) / self.decode_seconds if self.decode_seconds > 0 and len(self.tokens) > 1 else 0.0
+        return (len(self.tokens) - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def __iter__(self) -> Iterator[str]:
-        tok = self.tokenizer
-        stop_ids = set(tok.stop_ids) if tok is not None else set()
-        decoder = tok.stream_decoder() if tok is not None else None
-        stops = StopStrings(self.params.stop)
+        engine, request_id = self.engine, self.request.request_id
+        engine.add_request(self.request)
         started = time.perf_counter()
-        steps = stream_tokens([self.prompt_ids], self.model, max_tokens=self.params.max_tokens,
-                              temperature=self.params.temperature, top_p=self.params.top_p, top_k=self.params.top_k,
-                              seed=self.params.seed, chunk_size=self.chunk_size, stop_ids=stop_ids,
-                              cache=self.cache, rows=None if self.cache is None else [self.row])
         first_at = None
-        for (event,) in steps:
-            if first_at is None:
-                first_at = time.perf_counter()
-                self.prompt_seconds = first_at - started
-            self.tokens.append(event.token)
-            self.decode_seconds = time.perf_counter() - first_at
-            if event.token in stop_ids:
-                self.finish_reason = "stop"
-                break
-            if decoder is None:
-                continue
-            piece = stops.push(decoder.push(event.token))
-            self.text += piece
-            if piece:
-                yield piece
-            if stops.stopped:
-                self.finish_reason = "stop"
-                break
-        steps.close()
-        tail = stops.flush() if not stops.stopped else ""
-        if tail:
-            self.text += tail
-            yield tail
+        try:
+            while self.finish_reason is None:
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at, self.prompt_seconds = now, now - started
+                    self.decode_seconds = now - first_at
+                    self.tokens += out.new_tokens
+                    self.text += out.new_text
+                    self.finish_reason = out.finish_reason
+                    if out.new_text:
+                        yield out.new_text
+        finally:
+            if self.finish_reason is None:  # the caller stopped early (Ctrl-C, closed stream)
+                engine.abort(request_id)

@@ -127,11 +127,13 @@ class Transformer(nn.Module):
         return KVCache(self.args, max_seqs, max_len, dtype=self.dtype, device=self.device)
 
     def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None = None,
-                *, rows: list[int] | None = None) -> torch.Tensor:
+                *, rows: list[int] | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] (sequences packed back to back, len(seqlens) of them) -> logits [T, vocab] fp32.
 
         With a cache, the tokens continue the sequences held in cache rows `rows` (default 0..B-1)
         and their keys/values are appended; without one, each sequence starts at position 0.
+        `output_rows` [N] picks the positions whose logits are wanted (-> [N, vocab]): a pre-fill
+        needs only its last one, and the vocabulary projection is a large share of the work.
         """
         if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
             raise ValueError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
@@ -145,4 +147,6 @@ class Transformer(nn.Module):
             h = layer(h, rope, plan, cache, i)
         if cache is not None:
             cache.commit(plan, seqlens, rows)
+        if output_rows is not None:
+            h = h[output_rows]
         return self.output(self.norm(h)).float()

@@ -1,4 +1,4 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p."""
+"""Sampling parameters and logits processing: penalties, temperature, top-k, top-p, min-p, seeds."""
 
 from __future__ import annotations
 
@@ -7,17 +7,83 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass
+class SamplingParams:
+    """What a caller asks of one completion (the OpenAI/vLLM parameter set)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely)
+    presence_penalty: float = 0.0  # OpenAI: subtract once for each token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated text
+    repetition_penalty: float = 1.0  # CTRL/HF: divide positive logits of tokens seen (prompt or output)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (never part of the returned text)
+    stop_token_ids: tuple[int, ...] = ()  # stop tokens besides the tokenizer's EOS / end-of-turn
+    ignore_eos: bool = False
+    n: int = 1  # independent completions of the same prompt
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None  # the same for prompt tokens (echo)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 0, "max_tokens", "must be >= 0"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 = off)"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (self.n >= 1, "n", "must be >= 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "must be between 0 and 20"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise SamplingError(name, f"{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range; `param` names it (for API error bodies)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """logits [vocab] of one sequence -> penalised copy (presence/frequency over the output,
+    repetition over prompt and output, as vLLM does)."""
+    logits = logits.clone()
+    vocab = logits.shape[0]
+    if output and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab].float()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), device=logits.device, dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    return logits
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, vocab] (fp32) -> token ids [B]. temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -26,26 +92,13 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p * sorted_probs.sum(dim=-1, keepdim=True)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return order.gather(-1, choice).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@dataclass
-class SamplingParams:
-    """What a caller asks of one completion."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings (text level); stop token ids come from the tokenizer
-
-    def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.top_k)

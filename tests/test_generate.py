@@ -90,7 +90,7 @@ def test_prompt_longer_than_context_of_full_attention_model():
     args = mistral7b.ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2,
                                norm_eps=1e-5, vocab_size=50, max_seq_len=16)
     model = mistral7b.Transformer(args)
-    with pytest.raises(InputError, match="exceeds the model's context of 16"):
+    with pytest.raises(InputError, match="maximum context length is 16"):
         mistral7b.generate([[1] * 12], model, max_tokens=5)
     # A windowed model has no such limit: its cache rolls.
     windowed = mistral7b.Transformer(mistral7b.ModelArgs(**{**args.__dict__, "sliding_window": 4}))

@@ -1,0 +1,264 @@
+"""The continuous-batching engine: requests join and leave the running batch at every step.
+
+Each `step()` is one packed forward. Running sequences decode one token each first (so streams
+never stall), then waiting prompts are pre-filled in chunks with what is left of the per-step token
+budget. Every sequence owns one row of a shared KV cache (S slots: the sliding window for windowed
+models, so memory per sequence is constant however long it runs); requests wait FIFO for free rows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import torch
+
+from ..errors import InputError, Mistral7BError
+from ..model import Transformer
+from ..sampling import apply_penalties, sample
+from .request import Request, Sequence, SequenceOutput, TokenLogprob
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts:
+        raise InputError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise InputError(f"prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+def context_limit(model: Transformer) -> int | None:
+    """Longest sequence the model can run: unbounded for windowed models (the cache rolls)."""
+    return None if model.args.sliding_window is not None else model.args.max_seq_len
+
+
+class QueueFull(Mistral7BError):
+    """The waiting queue is at its bound: the caller should retry later (HTTP 503)."""
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, *, max_num_seqs: int = 32,
+                 max_model_len: int | None = None, max_tokens_per_step: int = 256,
+                 chunk_size: int | None = None, max_queue: int = 1024):
+        self.model, self.tokenizer = model, tokenizer
+        limit = context_limit(model)  # None for windowed models: their cache rolls
+        if max_model_len is not None and limit is not None:
+            max_model_len = min(max_model_len, limit)
+        self.max_model_len = max_model_len or limit
+        if self.max_model_len is None and model.args.sliding_window is None:
+            raise InputError("the model's context length is unknown: pass max_model_len")
+        self.cache = model.new_cache(max_num_seqs, self.max_model_len)
+        self.max_num_seqs = max_num_seqs
+        self.chunk_size = chunk_size or model.args.sliding_window or max_tokens_per_step
+        self.max_tokens_per_step = max(max_tokens_per_step, max_num_seqs)
+        self.max_queue = max_queue
+        self.free_rows = list(range(max_num_seqs))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Sequence] = []
+        self.lock = threading.RLock()  # add/abort may come from other threads than step()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request: Request) -> Request:
+        """Validate and queue a request; raises InputError for bad ones, QueueFull when full."""
+        check_prompts([request.prompt], self.model.args.vocab_size)
+        n = request.params.n
+        if n > self.max_num_seqs:
+            raise InputError(f"n={n} is more than this server runs at once ({self.max_num_seqs})")
+        if request.row is not None and n != 1:
+            raise InputError("a request that continues a cache row takes n=1")
+        start = self.cache.lengths[request.row] if request.row is not None else 0
+        needed = start + len(request.prompt) + request.params.max_tokens
+        if self.max_model_len is not None and needed > self.max_model_len:
+            raise InputError(f"this model's maximum context length is {self.max_model_len} tokens, but "
+                             f"{start + len(request.prompt)} prompt tokens + {request.params.max_tokens} "
+                             f"max_tokens = {needed} were requested")
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server is overloaded ({len(self.waiting)} requests waiting); retry later")
+            self.waiting.append(request)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is (the client went away); its rows are freed at once."""
+        with self.lock:
+            self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+            for seq in self.running:
+                if seq.request.request_id == request_id:
+                    seq.finish_reason = "abort"
+                    self._release(seq)
+            self.running = [s for s in self.running if not s.finished]
+
+    def reserve_row(self) -> int:
+        """Take a cache row out of the pool for a caller that continues it across requests (chat)."""
+        with self.lock:
+            if not self.free_rows:
+                raise QueueFull("no free cache row")
+            return self.free_rows.pop(0)
+
+    def release_row(self, row: int) -> None:
+        with self.lock:
+            self.cache.reset([row])
+            self.free_rows.append(row)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len({s.request.request_id for s in self.running})
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of cache rows in use."""
+        return 1 - len(self.free_rows) / self.max_num_seqs
+
+    # -- one iteration ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[SequenceOutput]:
+        with self.lock:
+            self._admit()
+            batch = self._schedule()
+            if not batch:
+                return []
+            seqs = [s for s, _ in batch]
+            pieces = [s.prompt[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] for s, n in batch]
+            seqlens = [len(p) for p in pieces]
+            ends = torch.tensor(seqlens).cumsum(0)
+            # Logits are needed at every position of a chunk whose prompt logprobs were asked for,
+            # else only at the last position of each piece.
+            wanted = [torch.arange(e - n, e) if s.prefilling and s.params.prompt_logprobs is not None
+                      else torch.tensor([e - 1]) for (s, n), e in zip(batch, ends.tolist())]
+            device = self.model.device
+            logits = self.model(torch.tensor(sum(pieces, []), device=device), seqlens, self.cache,
+                                rows=[s.row for s in seqs], output_rows=torch.cat(wanted).to(device))
+            outputs = self._process(batch, logits.split([len(w) for w in wanted]))
+            self.running = [s for s in self.running if not s.finished]
+            return outputs
+
+    def _admit(self) -> None:
+        """Move waiting requests (FIFO) into the running set while rows are free."""
+        while self.waiting:
+            request = self.waiting[0]
+            if request.row is None and len(self.free_rows) < request.params.n:
+                return
+            self.waiting.popleft()
+            stop_ids = frozenset(request.params.stop_token_ids) | (
+                frozenset() if request.params.ignore_eos or self.tokenizer is None else frozenset(self.tokenizer.stop_ids))
+            for i in range(request.params.n):
+                decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
+                seq = Sequence(request, i, decoder, stop_ids)
+                seq.row = request.row if request.row is not None else self.free_rows.pop(0)
+                self.running.append(seq)
+            self.prompt_tokens_total += len(request.prompt)
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """Decodes first (one token each), then prompt chunks within the step's token budget."""
+        batch = [(s, 1) for s in self.running if not s.prefilling]
+        budget = self.max_tokens_per_step - len(batch)
+        for seq in self.running:
+            if seq.prefilling and budget > 0:
+                n = min(self.chunk_size, len(seq.prompt) - seq.prefilled, budget)
+                batch.append((seq, n))
+                budget -= n
+        return batch
+
+    def _process(self, batch: list[tuple[Sequence, int]], logits: tuple[torch.Tensor, ...]) -> list[SequenceOutput]:
+        outputs: list[SequenceOutput] = []
+        to_sample: list[tuple[Sequence, torch.Tensor]] = []
+        for (seq, n), rows in zip(batch, logits):
+            if not seq.prefilling:
+                to_sample.append((seq, rows[-1]))
+                continue
+            if seq.params.prompt_logprobs is not None:
+                targets = seq.prompt[seq.prefilled + 1:seq.prefilled + n + 1]
+                seq.prompt_logprobs += _logprobs(rows[:len(targets)], targets, seq.params.prompt_logprobs)
+            seq.prefilled += n
+            if seq.prefilling:
+                continue
+            if seq.params.max_tokens == 0:
+                seq.finish_reason = "length"
+                self._release(seq)
+                outputs.append(self._output(seq, [], "", []))
+            else:
+                to_sample.append((seq, rows[-1]))
+        if to_sample:
+            outputs += self._sample([s for s, _ in to_sample], torch.stack([r for _, r in to_sample]))
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
+        """logits [B, vocab] -> one new token per sequence, with stop and length checks."""
+        chosen = logits.argmax(dim=-1)  # greedy rows need nothing else
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.greedy and not p.penalized:
+                continue
+            row = apply_penalties(logits[i], p, seq.prompt, seq.tokens) if p.penalized else logits[i]
+            chosen[i] = sample(row[None], temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                               min_p=p.min_p, generator=seq.generator)[0]
+        outputs = []
+        for seq, token, entry in zip(seqs, chosen.tolist(), _logprobs(logits, chosen.tolist(), 0, seqs)):
+            seq.tokens.append(token)
+            seq.logprobs.append(entry)
+            self.generation_tokens_total += 1
+            text = ""
+            if token in seq.stop_ids:
+                seq.finish_reason = "stop"
+            elif seq.decoder is not None:
+                text = seq.stops.push(seq.decoder.push(token))
+                if seq.stops.stopped:
+                    seq.finish_reason = "stop"
+            if seq.finish_reason is None and (len(seq.tokens) >= seq.params.max_tokens or self._context_full(seq)):
+                seq.finish_reason = "length"
+            if seq.finished:
+                if seq.decoder is not None and not seq.stops.stopped:
+                    text += seq.stops.push(seq.decoder.flush()) + seq.stops.flush()
+                self._release(seq)
+            seq.text += text
+            outputs.append(self._output(seq, [token], text, [entry]))
+        return outputs
+
+    def _context_full(self, seq: Sequence) -> bool:
+        return self.max_model_len is not None and self.cache.lengths[seq.row] + 1 >= self.max_model_len
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.request.row is None and seq.row is not None:
+            self.cache.reset([seq.row])
+            self.free_rows.append(seq.row)
+            seq.row = None
+
+    def _output(self, seq: Sequence, tokens: list[int], text: str, logprobs: list[TokenLogprob]) -> SequenceOutput:
+        first = len(seq.tokens) <= 1  # the step that finished the prompt
+        return SequenceOutput(
+            request_id=seq.request.request_id, index=seq.index, new_tokens=tokens, new_text=text,
+            new_logprobs=logprobs, finish_reason=seq.finish_reason,
+            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
+            num_prompt_tokens=len(seq.prompt), num_generated=len(seq.tokens))
+
+
+def _logprobs(logits: torch.Tensor, targets: list[int], k: int | None,
+              seqs: list[Sequence] | None = None) -> list[TokenLogprob]:
+    """logits [N, vocab], targets [N] -> each target's log-probability and, where asked, the top k.
+
+    `seqs` (for generated tokens) gives each row's own k from its sampling params."""
+    if not targets:
+        return []
+    log_probs = torch.log_softmax(logits[:len(targets)], dim=-1)
+    chosen = log_probs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+    ks = [(s.params.logprobs or 0) for s in seqs] if seqs is not None else [k or 0] * len(targets)
+    top_k = max(ks)
+    top = torch.topk(log_probs, top_k, dim=-1) if top_k else None
+    entries = []
+    for i, (token, lp, ki) in enumerate(zip(targets, chosen, ks)):
+        alternatives = list(zip(top.indices[i, :ki].tolist(), top.values[i, :ki].tolist())) if ki else []
+        entries.append(TokenLogprob(token, lp, alternatives))
+    return entries
