@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", metavar="IDS", help="a prompt as comma-separated token ids (e.g. 1,2,3) instead of text")
     p.add_argument("--output-ids", action="store_true",
                    help="after the text, print the generated token ids as one comma-separated line")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to text prompts")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to text prompts (for models whose tokenizer adds one)")
     _model_flags(p)
     _sampling_flags(p, max_tokens=256)
     p.set_defaults(run=_run_generate)
@@ -72,6 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _sampling_flags(p, max_tokens=512)
     p.set_defaults(run=_run_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve the model over an OpenAI-compatible API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, /detokenize, "
+                                   "/tokenizer_info, /version). Requests join the running batch at every step.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", help="model name in the API (default: the checkpoint's name)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in the running batch (default: 32)")
+    p.add_argument("--max-model-len", type=int,
+                   help="longest prompt + completion in tokens (default: the model's context; windowed models "
+                        "are unbounded)")
+    p.add_argument("--kv-cache-gb", type=float, default=4.0,
+                   help="KV cache budget in GiB; it bounds how many sequences run at once (default: 4)")
+    p.add_argument("--max-tokens-per-step", type=int, default=256,
+                   help="token budget of one engine step: long prompts are pre-filled in chunks so running "
+                        "streams keep flowing (default: 256)")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="most requests waiting for a slot; past it the server answers 503 (default: 1024)")
+    p.add_argument("--chunk-size", type=int, help="pre-fill chunk per sequence (default: the sliding window)")
+    _model_flags(p)
+    p.set_defaults(run=_run_serve)
 
     p = sub.add_parser("convert", help="convert a checkpoint between formats",
                        description="Convert reference <-> Hugging Face folders, or a GGUF file to either "
@@ -155,7 +178,7 @@ def _run_generate(args) -> None:
     if args.chat:
         prompts = [tokenizer.encode_chat(system + [{"role": "user", "content": t}]) for t in texts]
     elif texts:
-        prompts = [tokenizer.encode(t, bos=not args.no_bos) for t in texts]
+        prompts = [tokenizer.encode(t, bos=tokenizer.add_bos and not args.no_bos) for t in texts]
     engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max(map(len, prompts)) + params.max_tokens,
                     chunk_size=args.chunk_size)
     for prompt in prompts:
@@ -212,6 +235,26 @@ def _run_chat(args) -> None:
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(_stats(session.last), file=sys.stderr)
+
+
+def _run_serve(args) -> None:
+    import uvicorn
+
+    from .defaults import DEFAULT_MODEL_NAME
+    from .engine import Engine
+    from .server import create_app, kv_rows
+
+    model, tokenizer = _load(args)
+    max_len = args.max_model_len or model.args.max_seq_len
+    rows = kv_rows(model, max_len, args.kv_cache_gb, args.max_num_seqs)
+    engine = Engine(model, tokenizer, max_num_seqs=rows, max_model_len=args.max_model_len,
+                    max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
+                    max_queue=args.max_queue)
+    name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({rows} sequences at once, "
+          f"max length {engine.max_model_len or 'unbounded (sliding window)'})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def _run_convert(args) -> None:

@@ -1,5 +1,7 @@
 """The continuous-batching engine: requests join and leave the running batch at every step.
 
+Single-threaded by design: servers drive it from one thread (see `engine/threaded.py`).
+
 Each `step()` is one packed forward. Running sequences decode one token each first (so streams
 never stall), then waiting prompts are pre-filled in chunks with what is left of the per-step token
 budget. Every sequence owns one row of a shared KV cache (S slots: the sliding window for windowed
@@ -8,7 +10,6 @@ models, so memory per sequence is constant however long it runs); requests wait 
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 
 import torch
@@ -58,13 +59,21 @@ class Engine:
         self.free_rows = list(range(max_num_seqs))
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
-        self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> Request:
         """Validate and queue a request; raises InputError for bad ones, QueueFull when full."""
+        self.validate(request)
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"the server is overloaded ({len(self.waiting)} requests waiting); retry later")
+        self.waiting.append(request)
+        return request
+
+    def validate(self, request: Request) -> None:
+        """Raise InputError for a request this engine can never run (reads no mutable state but
+        the length of a continued row)."""
         check_prompts([request.prompt], self.model.args.vocab_size)
         n = request.params.n
         if n > self.max_num_seqs:
@@ -77,33 +86,25 @@ class Engine:
             raise InputError(f"this model's maximum context length is {self.max_model_len} tokens, but "
                              f"{start + len(request.prompt)} prompt tokens + {request.params.max_tokens} "
                              f"max_tokens = {needed} were requested")
-        with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is overloaded ({len(self.waiting)} requests waiting); retry later")
-            self.waiting.append(request)
-        return request
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is (the client went away); its rows are freed at once."""
-        with self.lock:
-            self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
-            for seq in self.running:
-                if seq.request.request_id == request_id:
-                    seq.finish_reason = "abort"
-                    self._release(seq)
-            self.running = [s for s in self.running if not s.finished]
+        self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        for seq in self.running:
+            if seq.request.request_id == request_id:
+                seq.finish_reason = "abort"
+                self._release(seq)
+        self.running = [s for s in self.running if not s.finished]
 
     def reserve_row(self) -> int:
         """Take a cache row out of the pool for a caller that continues it across requests (chat)."""
-        with self.lock:
-            if not self.free_rows:
-                raise QueueFull("no free cache row")
-            return self.free_rows.pop(0)
+        if not self.free_rows:
+            raise QueueFull("no free cache row")
+        return self.free_rows.pop(0)
 
     def release_row(self, row: int) -> None:
-        with self.lock:
-            self.cache.reset([row])
-            self.free_rows.append(row)
+        self.cache.reset([row])
+        self.free_rows.append(row)
 
     @property
     def has_work(self) -> bool:
@@ -125,25 +126,24 @@ class Engine:
     # -- one iteration ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
-        with self.lock:
-            self._admit()
-            batch = self._schedule()
-            if not batch:
-                return []
-            seqs = [s for s, _ in batch]
-            pieces = [s.prompt[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] for s, n in batch]
-            seqlens = [len(p) for p in pieces]
-            ends = torch.tensor(seqlens).cumsum(0)
-            # Logits are needed at every position of a chunk whose prompt logprobs were asked for,
-            # else only at the last position of each piece.
-            wanted = [torch.arange(e - n, e) if s.prefilling and s.params.prompt_logprobs is not None
-                      else torch.tensor([e - 1]) for (s, n), e in zip(batch, ends.tolist())]
-            device = self.model.device
-            logits = self.model(torch.tensor(sum(pieces, []), device=device), seqlens, self.cache,
-                                rows=[s.row for s in seqs], output_rows=torch.cat(wanted).to(device))
-            outputs = self._process(batch, logits.split([len(w) for w in wanted]))
-            self.running = [s for s in self.running if not s.finished]
-            return outputs
+        """Run one packed forward over the scheduled work; return what each sequence produced."""
+        self._admit()
+        batch = self._schedule()
+        if not batch:
+            return []
+        pieces = [s.prompt[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] for s, n in batch]
+        seqlens = [len(p) for p in pieces]
+        ends = torch.tensor(seqlens).cumsum(0).tolist()
+        # Logits are needed at every position of a chunk whose prompt logprobs were asked for,
+        # else only at the last position of each piece.
+        wanted = [torch.arange(e - n, e) if s.prefilling and s.params.prompt_logprobs is not None
+                  else torch.tensor([e - 1]) for (s, n), e in zip(batch, ends)]
+        device = self.model.device
+        logits = self.model(torch.tensor(sum(pieces, []), device=device), seqlens, self.cache,
+                            rows=[s.row for s, _ in batch], output_rows=torch.cat(wanted).to(device))
+        outputs = self._process(batch, logits.split([len(w) for w in wanted]))
+        self.running = [s for s in self.running if not s.finished]
+        return outputs
 
     def _admit(self) -> None:
         """Move waiting requests (FIFO) into the running set while rows are free."""
@@ -242,7 +242,7 @@ class Engine:
             request_id=seq.request.request_id, index=seq.index, new_tokens=tokens, new_text=text,
             new_logprobs=logprobs, finish_reason=seq.finish_reason,
             prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
-            num_prompt_tokens=len(seq.prompt), num_generated=len(seq.tokens))
+            num_prompt_tokens=len(seq.prompt), num_generated=len(seq.tokens), arrival=seq.request.arrival)
 
 
 def _logprobs(logits: torch.Tensor, targets: list[int], k: int | None,

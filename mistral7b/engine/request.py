@@ -83,3 +83,4 @@ class SequenceOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is done (if asked)
     num_prompt_tokens: int = 0
     num_generated: int = 0
+    arrival: float = 0.0  # the request's time.monotonic() on arrival (for latency metrics)

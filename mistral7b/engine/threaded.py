@@ -1,0 +1,127 @@
+"""Drives an `Engine` from one background thread for asyncio servers.
+
+The engine is touched only by its thread: new requests and aborts are handed over through
+thread-safe queues and applied between steps, so the event loop never waits for a forward pass.
+Outputs travel back to each request's asyncio queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from .engine import Engine, QueueFull
+from .request import Request, SequenceOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Listener:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    last_token_at: dict[int, float] = field(default_factory=dict)  # per choice index
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping (a bug, not a client's mistake): the request cannot finish."""
+
+
+class ThreadedEngine:
+    def __init__(self, engine: Engine, *, on_step: Callable[[Engine], None] | None = None,
+                 on_token: Callable[[str, float], None] | None = None):
+        """on_step(engine) runs after every step (gauges); on_token(kind, seconds) reports
+        "ttft" / "itl" latencies (histograms)."""
+        self.engine = engine
+        self.on_step, self.on_token = on_step, on_token
+        self._incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._listeners: dict[str, _Listener] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="mistral7b-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def check_capacity(self, n_requests: int = 1) -> None:
+        """QueueFull when n more requests would pass the waiting queue's bound."""
+        waiting = self.engine.num_waiting + self._incoming.qsize()
+        if waiting + n_requests > self.engine.max_queue:
+            raise QueueFull(f"the server is overloaded ({waiting} requests waiting); retry later")
+
+    async def generate(self, request: Request) -> AsyncIterator[SequenceOutput]:
+        """Submit a request and yield its outputs; leaving early (client gone) aborts it."""
+        self.engine.validate(request)  # InputError -> the caller's 400, before anything is queued
+        self.check_capacity()
+        listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
+        self._listeners[request.request_id] = listener
+        self._incoming.put(request)
+        self._wake.set()
+        remaining = request.params.n
+        try:
+            while remaining:
+                out = await listener.queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                if out.finish_reason is not None:
+                    remaining -= 1
+                yield out
+        finally:
+            self._listeners.pop(request.request_id, None)
+            if remaining:
+                self._aborts.put(request.request_id)
+                self._wake.set()
+
+    def _apply_handovers(self) -> None:
+        while not self._incoming.empty():
+            request = self._incoming.get()
+            if request.request_id in self._listeners:  # not already abandoned
+                self.engine.waiting.append(request)
+        while not self._aborts.empty():
+            self.engine.abort(self._aborts.get())
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._apply_handovers()
+            if not self.engine.has_work:
+                if self.on_step:
+                    self.on_step(self.engine)
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug: fail the running requests loudly instead of hanging them
+                log.exception("engine step failed")
+                for request_id, listener in list(self._listeners.items()):
+                    listener.loop.call_soon_threadsafe(listener.queue.put_nowait, EngineFailure(str(e)))
+                    self.engine.abort(request_id)
+                continue
+            now = time.monotonic()
+            for out in outputs:
+                listener = self._listeners.get(out.request_id)
+                if listener is None:
+                    continue
+                self._time_token(out, listener, now)
+                listener.loop.call_soon_threadsafe(listener.queue.put_nowait, out)
+            if self.on_step:
+                self.on_step(self.engine)
+
+    def _time_token(self, out: SequenceOutput, listener: _Listener, now: float) -> None:
+        if self.on_token is None or not out.new_tokens:
+            return
+        previous = listener.last_token_at.get(out.index)
+        if previous is None:
+            self.on_token("ttft", now - out.arrival)
+        else:
+            self.on_token("itl", now - previous)
+        listener.last_token_at[out.index] = now
