@@ -1,4 +1,5 @@
-"""Checkpoint formats: `load(path)` detects which one a path holds; `save(model, path, format)`."""
+"""Checkpoint formats: `load(path)` detects which one a path holds (None: the default model);
+`save(model, path, format)`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..defaults import default_model_path
 from ..errors import CheckpointError
 from ..model import Transformer
-from . import hf, reference
+from . import gguf, hf, reference
 from .common import build_model
 
 FORMATS = ("reference", "hf")  # formats we write; we read these and GGUF
 # Each reader module offers read_args(path), weight_files(path) and read_tensors(path, args).
-_READERS = {"reference": reference, "hf": hf}
+_READERS = {"reference": reference, "hf": hf, "gguf": gguf}
 
 
 def detect_format(path: Path) -> str:
@@ -25,8 +27,10 @@ def detect_format(path: Path) -> str:
         return "reference"
     if hf.is_hf(path):
         return "hf"
+    if gguf.is_gguf(path):
+        return "gguf"
     raise CheckpointError(f"{path}: not a checkpoint (expected a folder with params.json + consolidated.safetensors, "
-                          "or config.json + model.safetensors)")
+                          "a folder with config.json + model.safetensors, or a .gguf file)")
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -39,15 +43,18 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+def load(path: str | os.PathLike | None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, progress: bool | None = None) -> Transformer:
-    """Load a checkpoint of any supported format. dtype: keep the file's when None.
+    """Load a checkpoint of any supported format; path None: the default model (SmolLM2-135M-Instruct).
+    dtype: keep the file's when None (GGUF: fp32, dequantized).
 
     Tensors are read one at a time (memory-mapped) into a model created on the meta device, so
     peak memory is about one copy of the weights. `progress` shows a bar (default: files > 1 GB).
     """
-    path = Path(path)
+    path = default_model_path() if path is None else Path(path)
     fmt = detect_format(path)
+    if fmt == "gguf" and (copy := gguf.cached_copy(path)) is not None:  # converted once, then read as is
+        path, fmt = copy, "reference"
     module = _READERS[fmt]
     args = module.read_args(path)
     files = module.weight_files(path)
