@@ -34,6 +34,7 @@ class StepPlan:
     length: int  # L = max(seqlens)
     mask: torch.Tensor | None  # [B, 1, L, K] bool, K = cached slots + L; None: plain causal
     rows: slice | torch.Tensor | None = None  # cache rows of the B sequences
+    used_slots: int = 0  # slots [0, used_slots) hold every cached key of these rows
     write_src: torch.Tensor | None = None  # [N] packed token indices whose K/V are cached
     write_dst: torch.Tensor | None = None  # [N] flat slot indices in [max_seqs * S]
     new_slot_pos: torch.Tensor | None = None  # [N] positions written to those slots
@@ -140,7 +141,9 @@ class KVCache:
 
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         row_index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=device)
-        k_pos = torch.cat([self.slot_pos[row_index], torch.where(q_valid, q_pos, -1)], dim=1)
+        # Slots fill from 0 up; until a row wraps, attention only needs the filled prefix.
+        used = max(min(start, self.slots) for start in starts_list)
+        k_pos = torch.cat([self.slot_pos[row_index, :used], torch.where(q_valid, q_pos, -1)], dim=1)
         mask = _attention_mask(q_pos, k_pos, q_valid, self.window)
 
         # Only the last S tokens of each sequence's chunk survive in the cache; writing the
@@ -153,11 +156,12 @@ class KVCache:
         new_pos = positions[write_src]
         write_dst = row_of[write_src] * self.slots + new_pos % self.slots
         return StepPlan(positions=positions, pad_index=pad_index, batch=len(seqlens), length=max(seqlens),
-                        mask=mask, rows=row_index, write_src=write_src, write_dst=write_dst, new_slot_pos=new_pos)
+                        mask=mask, rows=row_index, used_slots=used, write_src=write_src, write_dst=write_dst,
+                        new_slot_pos=new_pos)
 
     def keys_values(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached K and V of the plan's sequences: [B, S, n_kv_heads, head_dim] each."""
-        return self.k[layer, plan.rows], self.v[layer, plan.rows]
+        """Cached K and V of the plan's sequences: [B, used_slots, n_kv_heads, head_dim] each."""
+        return self.k[layer, plan.rows, :plan.used_slots], self.v[layer, plan.rows, :plan.used_slots]
 
     def write(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new k, v ([T, n_kv_heads, head_dim]) of one layer into their slots."""
