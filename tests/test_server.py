@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -15,41 +11,17 @@ import openai
 import pytest
 
 import mistral7b
+from _server import start_server, stop_server
 
 API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*flags: str):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "serve", "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 @pytest.fixture(scope="module")
 def server():
     proc, url = start_server("--api-key", API_KEY, "--max-num-seqs", "32", "--max-model-len", "512")
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -255,5 +227,4 @@ def test_overload_gives_503():
         for s in busy:
             s.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)

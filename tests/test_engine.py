@@ -1,0 +1,129 @@
+"""The continuous-batching engine on a tiny windowed model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mistral7b
+from mistral7b.engine import Engine, QueueFull, Request
+from mistral7b.errors import InputError
+from mistral7b.sampling import SamplingParams, SamplingError, apply_penalties, sample
+
+
+def prompt(n: int, seed: int, vocab: int = 128) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(engine: Engine, requests: list[Request]) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_work:
+        for out in engine.step():
+            tokens[out.request_id] += out.new_tokens
+    return tokens
+
+
+def test_greedy_output_is_batch_invariant(tiny_model):
+    greedy = SamplingParams(max_tokens=24)
+    alone = Request(prompt(9, 0), greedy)
+    solo = run(Engine(tiny_model, max_num_seqs=1), [alone])[alone.request_id]
+    crowd = [Request(prompt(3 + i % 13, 100 + i), greedy) for i in range(31)]
+    mixed = [*crowd[:15], Request(list(alone.prompt), greedy), *crowd[15:]]
+    out = run(Engine(tiny_model, max_num_seqs=32, max_tokens_per_step=40, chunk_size=3), mixed)
+    assert out[mixed[15].request_id] == solo
+    assert solo == mistral7b.generate([alone.prompt], tiny_model, max_tokens=24)[0][0]
+
+
+def test_long_prompt_is_chunked_within_the_step_budget(tiny_model):
+    engine = Engine(tiny_model, max_num_seqs=4, max_tokens_per_step=8, chunk_size=5)
+    running = [engine.add_request(Request(prompt(3, i), SamplingParams(max_tokens=40))) for i in range(3)]
+    while any(s.prefilling for s in engine.running) or engine.waiting:
+        engine.step()  # the three short prompts are in (9 tokens: two steps of at most 8)
+    engine.add_request(Request(prompt(60, 9), SamplingParams(max_tokens=2)))
+    steps = 0
+    while engine.waiting or any(s.prefilling for s in engine.running):
+        scheduled = engine._schedule()
+        assert sum(n for _, n in scheduled) <= 8
+        decoding = {s.request.request_id for s, n in scheduled if not s.prefilling}
+        assert decoding == {r.request_id for r in running}  # running streams advance every step
+        engine.step()
+        steps += 1
+    assert steps >= 60 // 5
+
+
+def test_rows_are_freed_and_requests_wait_fifo(tiny_model):
+    engine = Engine(tiny_model, max_num_seqs=2, max_queue=5)
+    reqs = [engine.add_request(Request(prompt(4, i), SamplingParams(max_tokens=3 + i))) for i in range(5)]
+    with pytest.raises(QueueFull):
+        engine.add_request(Request(prompt(4, 9), SamplingParams(max_tokens=1)))
+    finished_order = []
+    while engine.has_work:
+        assert len(engine.running) <= 2
+        finished_order += [o.request_id for o in engine.step() if o.finish_reason]
+    assert finished_order == [r.request_id for r in reqs]
+    assert sorted(engine.free_rows) == [0, 1] and engine.cache.slot_pos.eq(-1).all()
+
+
+def test_windowed_model_serves_far_past_the_window_at_constant_memory(tiny_model):
+    w = tiny_model.args.sliding_window
+    engine = Engine(tiny_model, max_num_seqs=2)
+    size = engine.cache.k.numel()
+    r = Request(prompt(5, 1), SamplingParams(max_tokens=50 * w, ignore_eos=True))
+    out = run(engine, [r])
+    assert len(out[r.request_id]) == 50 * w
+    assert engine.cache.k.numel() == size and engine.cache.slots == w
+
+
+def test_n_seeds_stops_and_abort(tiny_model):
+    engine = Engine(tiny_model, max_num_seqs=8)
+    params = SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=5)
+
+    def choices(request: Request) -> dict[int, list[int]]:
+        outs: dict[int, list[int]] = {}
+        engine.add_request(request)
+        while engine.has_work:
+            for o in engine.step():
+                outs.setdefault(o.index, []).extend(o.new_tokens)
+        return outs
+
+    first = choices(Request(prompt(6, 2), params))
+    assert len(first) == 3 and len({tuple(v) for v in first.values()}) > 1  # the n samples differ
+    assert choices(Request(prompt(6, 2), params)) == first  # and reproduce with the same seed
+    # A stop token ends the sequence with that token.
+    greedy = run(engine, [g := Request(prompt(6, 3), SamplingParams(max_tokens=20))])[g.request_id]
+    stop = greedy[5]
+    stopped = run(engine, [s := Request(prompt(6, 3), SamplingParams(max_tokens=20, stop_token_ids=(stop,)))])
+    assert stopped[s.request_id] == greedy[:greedy.index(stop) + 1]
+    # Abort frees the rows at once.
+    engine.add_request(long := Request(prompt(6, 4), SamplingParams(max_tokens=500, n=2)))
+    engine.step()
+    assert len(engine.free_rows) == 6
+    engine.abort(long.request_id)
+    assert len(engine.free_rows) == 8 and not engine.has_work
+
+
+def test_prompt_longer_than_context_is_refused_with_both_numbers():
+    args = mistral7b.ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2,
+                               norm_eps=1e-5, vocab_size=50, max_seq_len=64)
+    engine = Engine(mistral7b.Transformer(args), max_num_seqs=2)
+    with pytest.raises(InputError, match="maximum context length is 64.*60 prompt tokens.*10 max_tokens"):
+        engine.add_request(Request([1] * 60, SamplingParams(max_tokens=10)))
+
+
+def test_penalties_and_min_p():
+    logits = torch.tensor([2.0, 1.0, -1.0, 0.5])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    out = apply_penalties(logits, p, prompt=[3], output=[0, 0, 2])
+    # token 0: seen twice in the output -> 2 - 0.25*2 - 0.5 = 1.0, then /2 (positive) = 0.5
+    # token 2: once -> -1 - 0.25 - 0.5 = -1.75, then *2 (negative) = -3.5
+    # token 3: only in the prompt -> repetition only: 0.5 / 2 = 0.25
+    assert out.tolist() == pytest.approx([0.5, 1.0, -3.5, 0.25])
+    probs_logits = torch.log(torch.tensor([[0.6, 0.3, 0.08, 0.02]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample(probs_logits, temperature=1.0, min_p=0.2, generator=g).item() for _ in range(300)}
+    assert seen == {0, 1}
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(min_p=2.0)
+    assert e.value.param == "min_p"
