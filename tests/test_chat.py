@@ -3,6 +3,7 @@ session's kept cache, and the same greedy answers through every path."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -67,3 +68,18 @@ def test_chat_command_with_piped_stdin(tmp_path):
     assert len(answers) == 2 and answers[0] == answers[1] and "Paris" in answers[0]
     assert "conversation reset" in out.stderr and out.stderr.count("tok/s") == 2
     assert "Traceback" not in out.stderr
+
+
+def test_ctrl_c_stops_the_answer_not_the_program():
+    proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "300"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+    proc.stdin.write("Tell me a very long story about a dragon.\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(1)  # the answer has started streaming
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write(f"{QUESTION}\n/exit\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out and "Paris" in out.split("[stopped]", 1)[1]
+    assert "Traceback" not in err
