@@ -66,3 +66,18 @@ def test_help_explains_every_command():
     for flag in ("--temperature", "--top-p", "--top-k", "--max-tokens", "--seed", "--stop", "--chunk-size",
                  "--dtype", "--device", "--chat", "--prompt-ids", "--output-ids", "--model"):
         assert flag in gen
+
+
+def test_convert_gguf_to_hf_runs_in_transformers(tmp_path):
+    """The default SmolLM2 GGUF, converted by the command, gives transformers our logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = run_cli("convert", str(mistral7b.defaults.default_model_path()), str(tmp_path / "hf"), "--to", "hf")
+    assert out.returncode == 0, out.stderr
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = mistral7b.load(None)
+    ids = torch.tensor(mistral7b.load_tokenizer(None).encode("The history of the Roman Empire began"))
+    with torch.no_grad():
+        diff = (hf(ids[None]).logits[0] - ours(ids, [len(ids)])).abs().max().item()
+    assert diff < 1e-3, diff
