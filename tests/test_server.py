@@ -218,9 +218,13 @@ def test_overload_gives_503():
     proc, url = start_server("--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512")
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-        busy = [client.completions.create(model=MODEL, prompt="Count:", max_tokens=300, stream=True,
-                                          extra_body={"ignore_eos": True}) for _ in range(2)]
-        next(iter(busy[0]))  # one running, one waiting: the queue is at its bound
+        def start():
+            return client.completions.create(model=MODEL, prompt="Count:", max_tokens=300, stream=True,
+                                             extra_body={"ignore_eos": True})
+
+        busy = [start()]
+        next(iter(busy[0]))  # running: it holds the only cache row
+        busy.append(start())  # waiting: the queue is at its bound
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert e.value.status_code == 503
