@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 import mistral7b
 from mistral7b.defaults import default_model_path
 from mistral7b.errors import CheckpointError, ConfigError
-from mistral7b.weights import gguf as gguf_format
+from mistral7b.weights.describe import describe
 from mistral7b.weights.hf import permute_to_hf
 
 # The brief's name map, written out again here so the loader's own table is checked, not reused.
@@ -25,15 +25,6 @@ _GGUF_LAYER = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention
                "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
                "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
 QUANT_TYPES = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cache_dir(tmp_path_factory):
-    """Converted copies go to a scratch folder, never to the user's ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        folder = tmp_path_factory.mktemp("gguf-cache")
-        mp.setenv("MISTRAL7B_CACHE", str(folder))
-        yield folder
 
 
 def gguf_name(name: str) -> str:
@@ -95,7 +86,7 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
 # ---- tiny random models -------------------------------------------------------------------------
 
 @torch.no_grad()
-def test_f32_round_trip_is_exact(tiny_model, tmp_path, cache_dir):
+def test_f32_round_trip_is_exact(tiny_model, tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf", model_state(tiny_model), tiny_model.args)
     loaded = mistral7b.load(path)
     assert loaded.args == tiny_model.args  # sliding window 4, eps 1e-5 (not float32's 9.99999974e-06)
@@ -104,28 +95,13 @@ def test_f32_round_trip_is_exact(tiny_model, tmp_path, cache_dir):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     ids = random_ids(5 * 4 + 1, tiny_model.args.vocab_size)
     assert torch.equal(loaded(ids, [len(ids)]), tiny_model(ids, [len(ids)]))
-    # The load converted the file once into a reference folder; the next load reads that as is.
-    (copy_folder,) = [p for p in (cache_dir / "gguf").iterdir() if p.name.startswith("tiny-")]
-    written = (copy_folder / "consolidated.safetensors").stat().st_mtime_ns
     again = mistral7b.load(path, dtype="bf16")
-    assert (copy_folder / "consolidated.safetensors").stat().st_mtime_ns == written
     assert again.dtype == torch.bfloat16
     assert torch.equal(again.tok_embeddings.weight, tiny_model.tok_embeddings.weight.bfloat16())
 
 
 @torch.no_grad()
-def test_unwritable_cache_reads_the_file_directly(tiny_model, tmp_path, monkeypatch):
-    path = write_gguf(tmp_path / "tiny.gguf", model_state(tiny_model), tiny_model.args)
-    (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("MISTRAL7B_CACHE", str(tmp_path / "a-file" / "cache"))
-    with pytest.warns(UserWarning, match="cannot write the GGUF cache"):
-        loaded = mistral7b.load(path)
-    for name, tensor in tiny_model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-
-
-@torch.no_grad()
-def test_changed_file_is_converted_again(tiny_model, tmp_path):
+def test_changed_file_is_read_again(tiny_model, tmp_path):
     path = tmp_path / "model.gguf"
     write_gguf(path, model_state(tiny_model), tiny_model.args)
     first = mistral7b.load(path)
@@ -152,6 +128,15 @@ def test_quantized_tiny_model_logits(tiny_model, tmp_path, qtype):
     ids = random_ids(5 * 4 + 1, tiny_model.args.vocab_size, seed=1)
     diff = (loaded(ids, [len(ids)]) - tiny_model(ids, [len(ids)])).abs().max().item()
     assert diff <= TINY_TOLERANCE[qtype], diff
+
+
+def test_describe_lists_tensor_types(tiny_model, tmp_path):
+    path = write_gguf(tmp_path / "tiny-q8.gguf", model_state(tiny_model, Q.Q8_0), tiny_model.args)
+    info = describe(path)
+    n_layers = tiny_model.args.n_layers
+    assert (info["format"], info["layers"], info["vocab_size"]) == ("gguf", n_layers, tiny_model.args.vocab_size)
+    # matrices: embeddings, output and 7 per layer; norms: the final one and 2 per layer
+    assert info["tensor_types"] == {"Q8_0": 2 + 7 * n_layers, "F32": 1 + 2 * n_layers}
 
 
 # ---- every quant type against ggml's own quantizer and dequantizer ------------------------------
@@ -281,7 +266,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """Our SmolLM2 from `load(None)`: converted into the scratch cache on first use."""
+    """Our SmolLM2 from `load(None)`: dequantized from the GGUF file (~2 s)."""
     return mistral7b.load(None)
 
 
@@ -299,14 +284,12 @@ def llama_cpp_logits(model_path, prompts, **options) -> list[tuple[list[int], to
     return out
 
 
-def test_default_model_is_smollm2(smollm2, cache_dir):
+def test_default_model_is_smollm2(smollm2):
     args = smollm2.args
     assert (args.n_layers, args.n_heads, args.n_kv_heads, args.dim, args.head_dim) == (30, 9, 3, 576, 64)
     assert (args.vocab_size, args.rope_theta, args.sliding_window) == (49152, 100000.0, None)
     assert args.tied_embeddings and smollm2.output.weight is smollm2.tok_embeddings.weight
-    copies = [p for p in (cache_dir / "gguf").iterdir() if p.name.startswith("SmolLM2-135M-Instruct.Q4_1-")]
-    assert len(copies) == 1 and (copies[0] / "consolidated.safetensors").exists()
-    again = mistral7b.load(None)  # from the converted copy (~0.1 s instead of ~10 s)
+    again = mistral7b.load(None)  # the file parsed once, its tensors dequantized again
     assert torch.equal(again.layers[3].attention.wq.weight, smollm2.layers[3].attention.wq.weight)
 
 
@@ -330,7 +313,7 @@ def test_smollm2_equals_llama_cpp_in_fp32(smollm2, tmp_path):
     and llama.cpp with an F32 KV cache: nothing is quantized on either side, so the logits agree
     to float rounding (measured max |diff| 9e-5). This proves the q/k layout, RoPE, norms and tied
     output; with wq/wk permuted as Hugging Face stores them the diffs are ~20."""
-    source = gguf_format.open_reader(default_model_path())
+    source = gguf.GGUFReader(default_model_path())
     writer = gguf.GGUFWriter(str(tmp_path / "smollm2-f32.gguf"), "llama")
     for field in source.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):

@@ -21,6 +21,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 import mistral7b
 from mistral7b.defaults import default_model_path
 from mistral7b.errors import CheckpointError, InputError
+from mistral7b.gguf_file import open_gguf
 from mistral7b.tokenizer import gguf as gguf_vocab
 from mistral7b.tokenizer.hf import HFTokenizer
 from mistral7b.tokenizer.mistral import MistralCommonTokenizer
@@ -110,7 +111,7 @@ def smol_path():
 
 @pytest.fixture(scope="module")
 def smol_meta(smol_path):
-    return gguf_vocab.read_metadata(smol_path)
+    return open_gguf(smol_path).metadata
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,14 @@ whose pre-tokenizer regexes depend on `tokenizer.ggml.pre`.
 
 from __future__ import annotations
 
-import mmap
-import struct
 from pathlib import Path
-from typing import Any
 
-from gguf import GGUF_MAGIC, GGUFValueType, Keys, TokenType
+from gguf import Keys, TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
 from ..errors import CheckpointError
+from ..gguf_file import open_gguf
 from .hf import HFTokenizer
 
 K = Keys.Tokenizer
@@ -40,7 +38,7 @@ _PRE_ALIASES = {"starcoder": "smollm", "refact": "smollm", "codeshell": "smollm"
 
 
 def load(path: Path) -> HFTokenizer:
-    meta = read_metadata(path)
+    meta = open_gguf(path).metadata
     kind = meta.get(K.MODEL)
     if K.LIST not in meta or kind not in ("llama", "gpt2"):
         what = f"a '{kind}' vocabulary" if K.LIST in meta else "no vocabulary"
@@ -111,57 +109,3 @@ def _merge_pair(merge: str) -> tuple[str, str]:
     i = merge.index(" ", 1)
     return merge[:i], merge[i + 1:]
 
-
-# --- reading the metadata ---------------------------------------------------------------------------------
-# gguf.GGUFReader maps every tensor and wraps each vocabulary string in a numpy view: ~5 s for SmolLM2's
-# 49k tokens + 49k merges. Reading the key-value header directly takes ~0.1 s.
-
-_SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-            GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-            GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-            GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """All key-value pairs of a GGUF file's header (version 2 or 3, either byte order)."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if len(buf) < 24 or struct.unpack_from("<I", buf)[0] != GGUF_MAGIC:
-                raise ValueError("not a GGUF file")
-            order = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"
-            version, _, n_kv = struct.unpack_from(order + "IQQ", buf, 4)
-            if version < 2:
-                raise ValueError(f"GGUF version {version} is too old; convert the model again")
-            reader = _Reader(buf, order, 24)
-            return dict(reader.key_value() for _ in range(n_kv))
-    except (ValueError, struct.error, UnicodeDecodeError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read its GGUF metadata ({e})") from None
-
-
-class _Reader:
-    def __init__(self, buf: mmap.mmap, order: str, offset: int):
-        self.buf, self.order, self.offset = buf, order, offset
-
-    def unpack(self, fmt: str, count: int = 1) -> tuple:
-        values = struct.unpack_from(f"{self.order}{count}{fmt}", self.buf, self.offset)
-        self.offset += struct.calcsize(f"{self.order}{count}{fmt}")
-        return values
-
-    def string(self) -> str:
-        (size,) = self.unpack("Q")
-        self.offset += size
-        return self.buf[self.offset - size:self.offset].decode("utf-8")
-
-    def key_value(self) -> tuple[str, Any]:
-        key = self.string()
-        return key, self.value(GGUFValueType(self.unpack("I")[0]))
-
-    def value(self, kind: GGUFValueType) -> Any:
-        if kind == GGUFValueType.STRING:
-            return self.string()
-        if kind == GGUFValueType.ARRAY:
-            item, count = GGUFValueType(self.unpack("I")[0]), self.unpack("Q")[0]
-            if item in _SCALARS:
-                return list(self.unpack(_SCALARS[item], count))
-            return [self.value(item) for _ in range(count)]
-        return self.unpack(_SCALARS[kind])[0]

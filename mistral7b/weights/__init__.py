@@ -53,8 +53,6 @@ def load(path: str | os.PathLike | None, *, dtype: torch.dtype | str | None = No
     """
     path = default_model_path() if path is None else Path(path)
     fmt = detect_format(path)
-    if fmt == "gguf" and (copy := gguf.cached_copy(path)) is not None:  # converted once, then read as is
-        path, fmt = copy, "reference"
     module = _READERS[fmt]
     args = module.read_args(path)
     files = module.weight_files(path)

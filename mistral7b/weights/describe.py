@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from ..defaults import default_model_path
 from . import _READERS, detect_format
+from .gguf import open_file
 
 
 def _tensor_types(files: list[Path]) -> Counter:
@@ -20,9 +21,7 @@ def _tensor_types(files: list[Path]) -> Counter:
             with safe_open(str(file), framework="pt") as f:
                 types.update(str(f.get_slice(name).get_dtype()) for name in f.keys())
         elif file.suffix == ".gguf":
-            from gguf import GGUFReader
-
-            types.update(t.tensor_type.name for t in GGUFReader(file).tensors)
+            types.update(t.type.name for t in open_file(file).tensors.values())
     return types
 
 
