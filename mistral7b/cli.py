@@ -1,4 +1,4 @@
-"""The `mistral7b` command: generate, chat, convert, info."""
+"""The `mistral7b` command: generate, chat, serve, convert, info, finetune, merge."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights and compute dtype; auto keeps the checkpoint's (GGUF: fp32)")
     g.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 ... (default: cpu)")
+    g.add_argument("--lora", metavar="DIR", help="apply a LoRA adapter (ours or a PEFT adapter folder) to the model, "
+                                                 "folded into its weights at load")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -105,12 +107,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the written weights (auto: keep)")
     p.set_defaults(run=_run_convert)
 
+    _finetune_parser(sub)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
+                       description="Write MODEL with the LoRA adapter folded into its weights, as a reference "
+                                   "folder (or a Hugging Face one with --to hf), with the model's tokenizer.")
+    p.add_argument("--model", "-m", metavar="PATH", help="base checkpoint (default: the built-in model)")
+    p.add_argument("--lora", metavar="DIR", required=True, help="adapter folder (ours or PEFT's)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write (new or empty)")
+    p.add_argument("--to", choices=("reference", "hf"), default="reference", help="format to write (default: reference)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the written weights (auto: keep)")
+    p.set_defaults(run=_run_merge)
+
     p = sub.add_parser("info", help="describe a checkpoint", description="Print what a checkpoint is: format, "
                        "architecture, parameter count, sliding window, dtypes and size on disk.")
     p.add_argument("model", nargs="?", help="checkpoint path (default: the built-in model)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_run_info)
     return parser
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model (LoRA or full) on chat or text JSONL",
+                       description="Fine-tune on JSONL data: {\"messages\": [...]} lines in the model's chat format "
+                                   "(loss on assistant tokens only) or {\"text\": ...} lines. Samples are packed "
+                                   "up to --seq-len without attending to each other. OUT ends with a LoRA adapter "
+                                   "(use it with --lora OUT) or, with --full, a checkpoint (--model OUT). Data "
+                                   "parallel: torchrun --nproc-per-node N -m mistral7b finetune ...",
+                       epilog="--batch-size and --grad-accum are per process: the global batch is "
+                              "batch-size x grad-accum x processes rows of --seq-len tokens.")
+    p.add_argument("--model", "-m", metavar="PATH", help="base checkpoint (default: the built-in SmolLM2)")
+    p.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
+    p.add_argument("--eval-data", metavar="FILE", help="validation JSONL: its loss is logged every --eval-every "
+                                                         "steps and at the end")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: checkpoints/, metrics.jsonl, "
+                                                                "loss.png and the result")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (default: 8)")
+    mode.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha/rank "
+                                                                   "(default: 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)")
+    p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3", metavar="NAMES",
+                   help="comma-separated layers to adapt, among wq,wk,wv,wo (attention) and w1,w2,w3 (feed-forward) "
+                        "(default: all)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: one epoch)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 for LoRA, 2e-5 full)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="rows of --seq-len tokens per micro-batch "
+                                                                         "(default: 4)")
+    p.add_argument("--seq-len", type=int, default=2048, metavar="L", help="tokens per packed row; longer samples are "
+                                                                         "cut (default: 2048)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step "
+                                                                         "(default: 1)")
+    p.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warmup steps before the cosine decay "
+                                                                     "(default: 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default: 1)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="write a checkpoint every N steps "
+                                                                         "(default: only at the end)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps (default: at the "
+                                                                         "end only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, LoRA init and dropout (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights dtype; auto: bf16 frozen base for LoRA on CUDA, else fp32")
+    p.add_argument("--autocast", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast of the compute; auto: on for CUDA devices with bf16")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~30%% more compute")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
+    p.set_defaults(run=_run_finetune)
 
 
 def _dtype(name: str):
@@ -129,6 +195,10 @@ def _load(args, need_tokenizer: bool = True):
     from . import load, load_tokenizer
 
     model = load(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+    if args.lora:
+        from .lora import load_adapter
+
+        model = load_adapter(model, args.lora, merge=True)
     try:
         tokenizer = load_tokenizer(args.model)
     except Mistral7BError:
@@ -265,6 +335,42 @@ def _run_convert(args) -> None:
     model = load(args.source, dtype=_dtype(args.dtype))
     save(model, args.dest, format=args.to)
     print(f"wrote {args.to} checkpoint to {args.dest}", file=sys.stderr)
+
+
+def _run_finetune(args) -> None:
+    from .lora import LoRAConfig
+    from .train import TrainConfig, train
+
+    config = None
+    if not args.full:
+        try:
+            config = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+        except Mistral7BError as e:
+            raise InputError(f"--lora-*: {e}") from None
+    lr = args.lr if args.lr is not None else (2e-5 if args.full else 2e-4)
+    out = train(TrainConfig(
+        model=args.model, data=args.data, eval_data=args.eval_data, out=args.out, lora=config, steps=args.steps,
+        lr=lr, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, warmup=args.warmup,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, save_every=args.save_every,
+        eval_every=args.eval_every, seed=args.seed, dtype=args.dtype, autocast=args.autocast,
+        activation_checkpointing=args.activation_checkpointing, device=_device(args.device), resume=args.resume))
+    what = f"LoRA adapter (use it with --lora {out})" if config else f"checkpoint (use it with --model {out})"
+    print(f"wrote {what}", file=sys.stderr)
+
+
+def _run_merge(args) -> None:
+    from . import load, save
+    from .lora import load_adapter
+    from .train.outputs import save_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not empty; choose a new folder")
+    model = load_adapter(load(args.model, dtype=_dtype(args.dtype)), args.lora, merge=True)
+    save(model, out, format=args.to)
+    save_tokenizer(args.model, out)
+    print(f"wrote merged {args.to} checkpoint to {out}", file=sys.stderr)
 
 
 def _run_info(args) -> None:

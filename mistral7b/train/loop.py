@@ -1,0 +1,270 @@
+"""The fine-tuning loop: LoRA or full, AdamW with warmup + cosine, gradient clipping and accumulation,
+optional activation checkpointing and bf16 autocast, atomic checkpoints, exact resume, data parallel.
+
+A step consumes `grad_accum * world_size` micro-batches, micro-batch `(step * grad_accum + a) * world + rank`
+going to rank `rank`. Its loss is the summed token cross-entropy over the whole step divided by the
+step's target-token count, and gradients are summed over micro-batches and ranks: so one process
+with grad_accum=2 and two processes with grad_accum=1 take the same steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
+from tqdm.auto import tqdm
+
+from .. import lora
+from ..errors import InputError
+from ..model import Transformer
+from ..weights import _parse_dtype, load, save
+from . import checkpoint
+from .data import Batches, MicroBatch, read_jsonl
+from .outputs import save_tokenizer
+from .report import Metrics, plot
+
+
+@dataclass
+class TrainConfig:
+    model: str | None  # checkpoint path; None: the built-in default model
+    data: str
+    out: str
+    eval_data: str | None = None
+    lora: lora.LoRAConfig | None = None  # None: full fine-tuning
+    steps: int | None = None  # None: one epoch
+    lr: float = 1e-4
+    batch_size: int = 4  # rows of seq_len tokens per micro-batch
+    seq_len: int = 2048
+    grad_accum: int = 1
+    warmup: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # 0: only at the end (when eval_data is given)
+    seed: int = 0
+    dtype: str = "auto"  # weights: auto = bf16 base for LoRA on CUDA, else fp32
+    autocast: str = "auto"  # bf16 autocast: auto = on where the device supports bf16 (CUDA)
+    activation_checkpointing: bool = False
+    device: str = "cpu"
+    resume: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+    # Settings a resumed run must share with the run it continues.
+    _RUN_KEYS = ("model", "data", "lora", "batch_size", "seq_len", "grad_accum", "seed", "lr", "warmup",
+                 "weight_decay", "steps")
+
+    def run_settings(self, world: int) -> dict:
+        out = {k: getattr(self, k) for k in self._RUN_KEYS}
+        out["lora"] = dataclasses.asdict(self.lora) if self.lora else None
+        return {**out, "world_size": world}
+
+
+def lr_schedule(warmup: int, steps: int):
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `steps`: a multiplier of the peak lr."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (memory for time)."""
+    for block in model.layers:
+        block.forward = lambda *args, _forward=block.forward: _checkpoint(_forward, *args, use_reentrant=False)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _all_reduce(tensors: list[torch.Tensor], world: int) -> None:
+    """Sum in place over ranks, as one flat buffer (one message instead of one per parameter)."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def _loss_sum(model: Transformer, mb: MicroBatch, device: torch.device, use_autocast: bool) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        # Only target positions go through the vocabulary projection: [N, vocab] fp32.
+        logits = model(mb.input_ids.to(device), mb.seqlens, output_rows=mb.positions.to(device))
+    return F.cross_entropy(logits, mb.targets.to(device), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[MicroBatch], device: torch.device, use_autocast: bool) -> float:
+    model.eval()
+    total = sum(_loss_sum(model, mb, device, use_autocast).item() for mb in batches)
+    model.train()
+    return total / sum(mb.n_targets for mb in batches)
+
+
+def _trainable(model: Transformer) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _prepare_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bf16" if cfg.lora and device.type == "cuda" else "fp32"
+    model = load(cfg.model, dtype=_parse_dtype(dtype), device=device)
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
+    if cfg.lora:
+        lora.apply_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model.train()
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "seq_len", "grad_accum"):
+        if getattr(cfg, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.steps is not None and cfg.steps <= 0:
+        raise InputError(f"--steps must be positive, got {cfg.steps}")
+    if cfg.lr <= 0:
+        raise InputError(f"--lr must be positive, got {cfg.lr}")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run fine-tuning as `cfg` says; returns the output folder (an adapter, or a full checkpoint)."""
+    _check_config(cfg)
+    rank, world = _world()
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    found = checkpoint.completed(ckpt_root)
+    if found and not cfg.resume:
+        raise InputError(f"{out} already holds training checkpoints; pass --resume to continue, or choose a new --out")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
+    use_autocast = {"on": True, "off": False}.get(cfg.autocast, device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    from ..tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = Batches(read_jsonl(cfg.data, tokenizer, cfg.seq_len), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                   seed=cfg.seed)
+    eval_batches = None
+    if cfg.eval_data:
+        eval_batches = Batches(read_jsonl(cfg.eval_data, tokenizer, cfg.seq_len), seq_len=cfg.seq_len,
+                               batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False).epoch()
+    per_step = cfg.grad_accum * world
+    steps = cfg.steps or math.ceil(data.per_epoch / per_step)
+    cfg = dataclasses.replace(cfg, steps=steps)
+
+    model = _prepare_model(cfg, device)
+    params = _trainable(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup, steps))
+    settings = cfg.run_settings(world)
+
+    start = 0
+    torch.manual_seed(cfg.seed + 1 + rank)  # dropout: a stream of its own per rank
+    if cfg.resume and found:
+        tensors, opt_state, state = checkpoint.load(found[-1])
+        changed = {k for k in settings if state["settings"].get(k) != settings[k]}
+        if changed:
+            raise InputError(f"{found[-1]}: was written by a run with other settings ({', '.join(sorted(changed))}); "
+                             "resume with the same flags, or start a new --out")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"][rank])
+        start = state["step"]
+
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(out / "metrics.jsonl", start) if lead else None
+    bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", disable=not lead or
+               (cfg.progress is False) or (cfg.progress is None and not sys.stderr.isatty()))
+
+    def save_checkpoint(step: int) -> None:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, checkpoint.rng_state())
+        else:
+            rngs = [checkpoint.rng_state()]
+        if lead:
+            folder = checkpoint.save(ckpt_root, step, params, optimizer.state_dict(),
+                                     {"scheduler": scheduler.state_dict(), "rng": rngs, "settings": settings})
+            print(f"saved checkpoint {folder}", file=sys.stderr, flush=True)
+
+    def run_eval(step: int) -> None:
+        if eval_batches and lead:
+            loss = evaluate(model, eval_batches, device, use_autocast)
+            metrics.log(step=step, eval_loss=loss)
+            bar.write(f"step {step}: eval loss {loss:.4f}")
+
+    started = time.perf_counter()
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        batches = [data[(step * cfg.grad_accum + a) * world + rank] for a in range(cfg.grad_accum)]
+        counts = torch.tensor([sum(mb.n_targets for mb in batches), sum(len(mb.input_ids) for mb in batches)],
+                              dtype=torch.float64)
+        _all_reduce([counts], world)
+        n_targets, n_tokens = counts.tolist()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for mb in batches:
+            loss = _loss_sum(model, mb, device, use_autocast)
+            (loss / n_targets).backward()
+            loss_sum += loss.detach().double().cpu()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+        _all_reduce([loss_sum, *grads], world)
+        for p, g in zip(params.values(), grads):
+            p.grad = g
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+        if lead:
+            loss_value = loss_sum.item() / n_targets
+            metrics.log(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=int(n_tokens),
+                        tokens_per_s=n_tokens / elapsed, elapsed_s=time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_tokens / elapsed:.0f}")
+            bar.update(1)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+            run_eval(done)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == steps:
+            save_checkpoint(done)
+    bar.close()
+    run_eval(steps)
+    if lead:
+        _write_result(model, cfg, out)
+        plot(metrics.records(), out / "loss.png")
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _write_result(model: Transformer, cfg: TrainConfig, out: Path) -> None:
+    """The adapter (LoRA) or a reference-format checkpoint with its tokenizer (full) in `out`."""
+    if cfg.lora:
+        lora.save_adapter(model, out, base_model=cfg.model)
+    else:
+        save(model, out)
+        save_tokenizer(cfg.model, out)

@@ -1,0 +1,201 @@
+"""Fine-tuning: data encoding and packing, learning a task, exact resume after a kill, data parallel, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import mistral7b
+from mistral7b.train import TrainConfig, train
+from mistral7b.train import checkpoint
+from mistral7b.train.data import Batches, collate, encode_conversation, read_jsonl
+
+from _finetune import VOCAB, reverse_task, write_jsonl, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder with tokenizer, training JSONL, held-out rows)."""
+    root = tmp_path_factory.mktemp("finetune")
+    folder = write_tiny_model(root / "model")
+    return folder, write_jsonl(root / "train.jsonl", reverse_task(1000, seed=1)), reverse_task(100, seed=3)
+
+
+def finetune(*args: str, torchrun: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] \
+        if torchrun else [sys.executable]
+    return subprocess.run([*launcher, "-m", "mistral7b", "finetune", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def exact_match(model, tokenizer, rows) -> float:
+    prompts = [tokenizer.encode_chat(r["messages"][:1]) for r in rows]
+    outs, _ = mistral7b.generate(prompts, model, max_tokens=8, eos_id=tokenizer.special_tokens["<|im_end|>"])
+    return sum(tokenizer.decode(o).strip() == r["messages"][1]["content"] for o, r in zip(outs, rows)) / len(rows)
+
+
+def test_chat_loss_mask_covers_assistant_turns_only(tiny):
+    tokenizer = mistral7b.load_tokenizer(tiny[0])
+    messages = [{"role": "system", "content": "."}, {"role": "user", "content": "reverse w1 w2"},
+                {"role": "assistant", "content": "w2 w1"}, {"role": "user", "content": "reverse w3"},
+                {"role": "assistant", "content": "w3"}]
+    [sample] = encode_conversation(tokenizer, messages)
+    assert sample.ids == tokenizer.encode_chat(messages[:4]) + [VOCAB.index(w) for w in ("w3", "<|im_end|>")]
+    trained = [VOCAB[i] for i, t in zip(sample.ids, sample.target) if t]
+    assert trained == ["w2", "w1", "<|im_end|>", "w3", "<|im_end|>"]
+
+
+def test_packed_samples_do_not_attend_to_each_other(tiny):
+    folder, data, _ = tiny
+    model = mistral7b.load(folder)
+    samples = read_jsonl(data, mistral7b.load_tokenizer(folder), seq_len=64)[:6]
+    packed = collate([samples])
+    assert packed.seqlens == [len(s.ids) for s in samples]
+    with torch.no_grad():
+        together = F.cross_entropy(model(packed.input_ids, packed.seqlens, output_rows=packed.positions),
+                                   packed.targets, reduction="sum")
+        alone = sum(F.cross_entropy(model(b.input_ids, b.seqlens, output_rows=b.positions), b.targets, reduction="sum")
+                    for b in (collate([[s]]) for s in samples))
+    assert abs(together.item() - alone.item()) < 1e-4
+
+
+def test_batches_are_a_function_of_the_index(tiny):
+    folder, data, _ = tiny
+    samples = read_jsonl(data, mistral7b.load_tokenizer(folder), seq_len=64)
+    a = Batches(samples, seq_len=64, batch_size=2, seed=7)
+    b = Batches(samples, seq_len=64, batch_size=2, seed=7)
+    k = a.per_epoch + 3  # in the second epoch
+    assert torch.equal(a[k].input_ids, b[k].input_ids) and not torch.equal(a[3].input_ids, a[k].input_ids)
+    assert all(len(a[i].input_ids) <= 2 * 64 for i in range(a.per_epoch))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"prompt": "x"}', '"messages"'),
+    ('{"messages": [{"role": "user", "content": "reverse w1"}]}', "no assistant message"),
+    ('{"messages": [{"role": "user", "content": "w1"}, {"role": "robot", "content": "w1"}, '
+     '{"role": "assistant", "content": "w1"}]}', "needs a role"),
+    ('{"messages": "reverse"}', "list of objects"),
+])
+def test_bad_line_names_file_and_line(tiny, tmp_path, line, message):
+    good = json.dumps(reverse_task(1, seed=0)[0])
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
+    with pytest.raises(mistral7b.InputError, match=message) as error:
+        read_jsonl(path, mistral7b.load_tokenizer(tiny[0]), seq_len=64)
+    assert str(error.value).startswith(f"{path}:4: ")
+    if message == "not valid JSON":  # and the command says it in one line
+        out = finetune("--model", str(tiny[0]), "--data", str(path), "--out", str(tmp_path / "out"))
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {path}:4: ") and len(out.stderr.splitlines()) == 1
+
+
+def test_text_lines_train_every_token(tiny, tmp_path):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "w1 w2 w3"}])
+    [sample] = read_jsonl(path, mistral7b.load_tokenizer(tiny[0]), seq_len=64)
+    assert [VOCAB[i] for i in sample.ids] == ["<s>", "w1", "w2", "w3", "</s>"]
+    assert sample.target == [False, True, True, True, True]
+
+
+def test_tiny_model_learns_to_reverse(tiny, tmp_path):
+    folder, data, held_out = tiny
+    tokenizer = mistral7b.load_tokenizer(folder)
+    before = exact_match(mistral7b.load(folder), tokenizer, held_out)
+    out = train(TrainConfig(model=str(folder), data=str(data), out=str(tmp_path), steps=120, lr=3e-3, warmup=10,
+                            batch_size=4, seq_len=128, seed=0))
+    after = exact_match(mistral7b.load(out), mistral7b.load_tokenizer(out), held_out)
+    print(f"reverse task exact match: {before:.0%} -> {after:.0%}")
+    assert before < 0.05 and after > 0.9
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 121)) and records[-1]["loss"] < 0.1 * records[0]["loss"]
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def _lora_flags(folder, data, out, steps: int, *extra: str) -> list[str]:
+    return ["--model", str(folder), "--data", str(data), "--out", str(out), "--lora-rank", "4", "--lora-dropout",
+            "0.1", "--steps", str(steps), "--lr", "3e-3", "--warmup", "3", "--batch-size", "2", "--seq-len", "64",
+            "--seed", "5", *extra]
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny, tmp_path):
+    folder, data, _ = tiny
+    flags = lambda out: _lora_flags(folder, data, out, 40, "--save-every", "5")  # noqa: E731
+    full = finetune(*flags(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "finetune", *flags(tmp_path / "cut")],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # kill right after the first checkpoint is announced
+        if line.startswith("saved checkpoint"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "lora.json").exists()
+    again = finetune(*flags(tmp_path / "cut"))  # without --resume: refuse to overwrite
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = finetune(*flags(tmp_path / "cut"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(tmp_path / "full" / "lora.safetensors"), load_file(tmp_path / "cut" / "lora.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    curve = lambda out: [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert curve(tmp_path / "cut") == pytest.approx(curve(tmp_path / "full"), abs=1e-6)
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    weights = {"w": torch.ones(2)}
+    checkpoint.save(tmp_path, 5, weights, {}, {"rng": []})
+
+    def crash(*args):
+        raise OSError("disk died")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, 10, {"w": torch.zeros(2)}, {}, {"rng": []})
+    [latest] = checkpoint.completed(tmp_path)
+    assert latest.name == "step-000005" and torch.equal(checkpoint.load(latest)[0]["w"], weights["w"])
+
+
+def test_two_process_data_parallel_equals_one_process(tiny, tmp_path):
+    folder, data, _ = tiny
+    flags = lambda out, accum: [*_lora_flags(folder, data, out, 6, "--grad-accum", str(accum)),  # noqa: E731
+                                "--lora-dropout", "0"]
+    one = finetune(*flags(tmp_path / "one", 2))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = finetune(*flags(tmp_path / "two", 1), torchrun=2, env=env)
+    assert two.returncode == 0, two.stderr
+    curve = lambda out: [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                         if "loss" in r]
+    assert len(curve(tmp_path / "two")) == 6
+    assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5)
+    a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_cli_full_finetune_merge_and_lora_flag(tiny, tmp_path):
+    folder, data, _ = tiny
+    full = finetune("--model", str(folder), "--data", str(data), "--out", str(tmp_path / "full"), "--full",
+                    "--steps", "2", "--seq-len", "64", "--activation-checkpointing")
+    assert full.returncode == 0, full.stderr
+    assert mistral7b.load(tmp_path / "full").args == mistral7b.load(folder).args
+    assert mistral7b.load_tokenizer(tmp_path / "full").encode_chat([{"role": "user", "content": "w1"}])
+    adapter = tmp_path / "adapter"
+    lora = finetune(*_lora_flags(folder, data, adapter, 3))
+    assert lora.returncode == 0, lora.stderr
+    merged = subprocess.run([sys.executable, "-m", "mistral7b", "merge", "--model", str(folder), "--lora",
+                             str(adapter), "--out", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    ids = "1,3,6,8,12,13,4,3,7"
+    outputs = []
+    for model_flags in (["--model", str(tmp_path / "merged")], ["--model", str(folder), "--lora", str(adapter)]):
+        out = subprocess.run([sys.executable, "-m", "mistral7b", "generate", *model_flags, "--prompt-ids", ids,
+                              "--max-tokens", "6", "--output-ids"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        outputs.append(out.stdout.strip().splitlines()[-1])
+    assert outputs[0] == outputs[1]
