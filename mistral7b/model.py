@@ -107,7 +107,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Built from an explicit tensor: nn.Embedding's own init costs ~2 s of imports on the meta
+        # device, where loading builds the model; real tensors get the usual N(0, 1) init.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if not self.tok_embeddings.weight.is_meta:
+            nn.init.normal_(self.tok_embeddings.weight)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
