@@ -181,7 +181,7 @@ class Engine:
                 continue
             if seq.params.prompt_logprobs is not None:
                 targets = seq.prompt[seq.prefilled + 1:seq.prefilled + n + 1]
-                seq.prompt_logprobs += _logprobs(rows[:len(targets)], targets, seq.params.prompt_logprobs)
+                seq.prompt_logprobs += _logprobs(rows, targets, [seq.params.prompt_logprobs] * len(targets))
             seq.prefilled += n
             if seq.prefilling:
                 continue
@@ -206,7 +206,9 @@ class Engine:
             chosen[i] = sample(row[None], temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                                min_p=p.min_p, generator=seq.generator)[0]
         outputs = []
-        for seq, token, entry in zip(seqs, chosen.tolist(), _logprobs(logits, chosen.tolist(), 0, seqs)):
+        tokens = chosen.tolist()
+        entries = _logprobs(logits, tokens, [s.params.logprobs or 0 for s in seqs])
+        for seq, token, entry in zip(seqs, tokens, entries):
             seq.tokens.append(token)
             seq.logprobs.append(entry)
             self.generation_tokens_total += 1
@@ -245,20 +247,15 @@ class Engine:
             num_prompt_tokens=len(seq.prompt), num_generated=len(seq.tokens), arrival=seq.request.arrival)
 
 
-def _logprobs(logits: torch.Tensor, targets: list[int], k: int | None,
-              seqs: list[Sequence] | None = None) -> list[TokenLogprob]:
-    """logits [N, vocab], targets [N] -> each target's log-probability and, where asked, the top k.
-
-    `seqs` (for generated tokens) gives each row's own k from its sampling params."""
+def _logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """logits [>= N, vocab], targets [N] -> each target's log-probability and its row's top ks[i]."""
     if not targets:
         return []
     log_probs = torch.log_softmax(logits[:len(targets)], dim=-1)
     chosen = log_probs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
-    ks = [(s.params.logprobs or 0) for s in seqs] if seqs is not None else [k or 0] * len(targets)
-    top_k = max(ks)
-    top = torch.topk(log_probs, top_k, dim=-1) if top_k else None
+    top = torch.topk(log_probs, max(ks), dim=-1) if max(ks) else None
     entries = []
-    for i, (token, lp, ki) in enumerate(zip(targets, chosen, ks)):
-        alternatives = list(zip(top.indices[i, :ki].tolist(), top.values[i, :ki].tolist())) if ki else []
+    for i, (token, lp, k) in enumerate(zip(targets, chosen, ks)):
+        alternatives = list(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist())) if k else []
         entries.append(TokenLogprob(token, lp, alternatives))
     return entries
