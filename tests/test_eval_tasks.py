@@ -48,7 +48,7 @@ def test_agieval_averages_exams():
 
 def test_nq_open_exact_match_after_normalisation_with_shots():
     fake = FakeBackend(gen=lambda p: [" Thomas Jefferson"] if "declaration" in p else [" London"])
-    assert score("nq_open", fake) == {"exact_match": 0.5}
+    assert score("nq_open", fake) == {"exact_match": pytest.approx(1 / 3)}  # Jefferson right, two Londons wrong
     assert fake.prompts[0].startswith("Answer these questions:\n\nQ: ")
     assert "Q: who painted the mona lisa?\nA: Leonardo da Vinci\n" in fake.prompts[0]
     assert fake.prompts[0].endswith("\nQ: who wrote the declaration of independence?\nA:")

@@ -1,0 +1,68 @@
+"""Data loading and its errors, lm-eval's context/continuation split, seeded shots, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _eval_fakes import FIXTURES
+from mistral7b import InputError
+from mistral7b.eval.__main__ import main
+from mistral7b.eval.backends import encode_pair
+from mistral7b.eval.data import load_split
+from mistral7b.eval.fewshot import sample_shots
+from mistral7b.eval import report
+
+
+def test_jsonl_and_parquet_read_alike(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = load_split(FIXTURES, "arc_easy", "test", "allenai/ai2_arc")
+    (tmp_path / "arc_easy").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "arc_easy" / "test-00000-of-00001.parquet")
+    assert load_split(tmp_path, "arc_easy", "test", "allenai/ai2_arc") == rows
+
+
+def test_missing_file_names_the_file_and_the_dataset(tmp_path, capsys):
+    with pytest.raises(InputError, match=r"piqa/validation\.jsonl.*ybisk/piqa"):
+        load_split(tmp_path, "piqa", "validation", "ybisk/piqa")
+    assert main(["--tasks", "piqa", "--data-dir", str(tmp_path)]) == 2
+    assert "ybisk/piqa" in capsys.readouterr().err
+    assert main(["--tasks", "nope", "--data-dir", str(tmp_path)]) == 2
+    assert "unknown task(s) nope" in capsys.readouterr().err
+
+
+def test_encode_pair_splits_as_lm_eval():
+    encode = lambda s: [ord(c) for c in s.replace(" ", "_")]  # noqa: E731  (a tokenizer that sees spaces)
+    assert encode_pair(encode, 0, "Answer: ", "Paris") == (encode("Answer:"), encode(" Paris"))
+    assert encode_pair(encode, 0, "Answer:", " Paris") == (encode("Answer:"), encode(" Paris"))
+    assert encode_pair(encode, 7, "", " Paris") == ([7], encode(" Paris"))
+
+
+def test_shots_are_seeded_per_document_and_never_the_document_itself():
+    pool = [{"q": i} for i in range(10)]
+    first = sample_shots(pool, 3, seed=1, key="a/0", exclude=pool[0])
+    assert first == sample_shots(pool, 3, seed=1, key="a/0", exclude=pool[0]) and pool[0] not in first
+    assert any(sample_shots(pool, 3, seed=s, key="a/0") != first for s in range(2, 6))
+    assert sample_shots(pool, 0, seed=1, key="a/0") == []
+
+
+def test_report_categories_table_json_and_chart(tmp_path):
+    runs = {"A": {"arc_easy": {"acc": 0.5, "acc_norm": 0.25}, "boolq": {"acc": 1.0}, "piqa": {"acc": 0.0, "acc_norm": 0.75}},
+            "B": {"arc_easy": {"acc": 1.0, "acc_norm": 1.0}, "boolq": {"acc": 0.0}, "piqa": {"acc": 1.0, "acc_norm": 0.5}}}
+    # acc_norm is the primary metric of arc_easy and piqa: commonsense A = (0.25 + 0.75) / 2
+    assert report.categories(runs["A"]) == {"commonsense_reasoning": 0.5, "reading_comprehension": 1.0}
+    one = report.to_json({"A": runs["A"]}, {"seed": 1})
+    assert one == {"results": runs["A"], "categories": report.categories(runs["A"]), "config": {"seed": 1}}
+    two = report.to_json(runs, {})
+    assert list(two["models"]) == ["A", "B"] and two["models"]["B"]["categories"]["reading_comprehension"] == 0.0
+    lines = report.table(runs).splitlines()
+    assert lines[0].split() == ["task", "metric", "A", "B"]
+    assert lines[2].split() == ["arc_easy", "acc", "50.0", "100.0"]
+    assert lines[-1].split()[-2:] == ["100.0", "0.0"]
+    report.plot(runs, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    report.write_json(tmp_path / "r.json", two)
+    assert json.loads((tmp_path / "r.json").read_text()) == two
