@@ -10,7 +10,7 @@ import torch
 
 import mistral7b
 from _eval_fakes import FIXTURES
-from mistral7b.eval import EngineBackend, Generation
+from mistral7b.eval import EngineBackend, Sampling
 from mistral7b.eval.__main__ import main
 
 
@@ -53,13 +53,13 @@ def test_engine_log_likelihood_equals_generate_scoring(backend):
 
 
 def test_generation_stops_before_its_stop_strings(backend):
-    [[text]] = backend.generate(["Q: what is the capital of france?\nA:"], Generation(max_tokens=16, stop=("\n", ".")))
+    [[text]] = backend.generate(["Q: what is the capital of france?\nA:"], Sampling(max_tokens=16, stop=("\n", ".")))
     assert text and "\n" not in text and "." not in text
 
 
 def test_maj_at_k_draws_k_different_samples_reproducibly(backend):
     prompt = ["Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"]
-    how = Generation(max_tokens=8, n=8, temperature=1.0, seed=7)
+    how = Sampling(max_tokens=8, n=8, temperature=1.0, seed=7)
     [first] = backend.generate(prompt, how)
     assert len(first) == 8 and len(set(first)) > 1  # not eight copies of one seed
     assert backend.generate(prompt, how) == [first]  # seed + i per sample: reproducible

@@ -22,7 +22,7 @@ from ..sampling import SamplingParams
 
 
 @dataclass(frozen=True)
-class Generation:
+class Sampling:
     """How to sample: `n` samples per prompt; with a seed, sample i draws from seed + i."""
 
     max_tokens: int
@@ -39,7 +39,7 @@ class Backend(Protocol):
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[float]:
         """Summed log-probability of each continuation given its context."""
 
-    def generate(self, prompts: list[str], how: Generation) -> list[list[str]]:
+    def generate(self, prompts: list[str], how: Sampling) -> list[list[str]]:
         """`how.n` completions of each prompt, cut before the first stop string."""
 
 
@@ -55,7 +55,7 @@ def encode_pair(encode: Callable[[str], list[int]], prefix_id: int, context: str
     return context_ids, encode(context + continuation)[len(context_ids):]
 
 
-def _sampling(how: Generation, **extra) -> SamplingParams:
+def _sampling(how: Sampling, **extra) -> SamplingParams:
     return SamplingParams(max_tokens=how.max_tokens, stop=how.stop, n=how.n, temperature=how.temperature,
                           top_p=how.top_p, seed=how.seed, **extra)
 
@@ -75,11 +75,11 @@ class EngineBackend:
         outs = self._run([ctx + cont for ctx, cont in encoded], params, "log-likelihoods")
         return [sum(e.logprob for e in out[0].prompt_logprobs[-len(cont):]) for out, (_, cont) in zip(outs, encoded)]
 
-    def generate(self, prompts: list[str], how: Generation) -> list[list[str]]:
+    def generate(self, prompts: list[str], how: Sampling) -> list[list[str]]:
         outs = self._run([self.tokenizer.encode(p) for p in prompts], _sampling(how), "generating")
         return [[o.text for o in sorted(out, key=lambda o: o.index)] for out in outs]
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams, what: str) -> list[list["_Done"]]:
+    def _run(self, prompts: list[list[int]], params: SamplingParams, what: str) -> list[list[_Done]]:
         """Queue every prompt, step until all are done; per prompt, its finished sequences."""
         longest = max(len(p) for p in prompts) + params.max_tokens
         engine = Engine(self.model, self.tokenizer, max_num_seqs=max(self.max_num_seqs, params.n),
@@ -155,7 +155,7 @@ class ServerBackend:
 
         return self._map(score, encoded, "log-likelihoods")
 
-    def generate(self, prompts: list[str], how: Generation) -> list[list[str]]:
+    def generate(self, prompts: list[str], how: Sampling) -> list[list[str]]:
         with ThreadPoolExecutor(self.concurrency) as pool:
             encoded = list(pool.map(self.encode, prompts))
 

@@ -18,7 +18,7 @@ from ..errors import InputError
 from . import metrics
 from .data import load_split
 from .fewshot import sample_shots
-from .backends import Generation as How
+from .backends import Sampling
 
 CATEGORIES = {
     "commonsense_reasoning": "Commonsense Reasoning",
@@ -105,7 +105,7 @@ class PartialChoice(MultipleChoice):
 class Generation(Task):
     prompt: Callable[[dict], str] = None
     answer: Callable[[dict], str] = None  # the solved text of a shot
-    how: How = How(max_tokens=32)
+    how: Sampling = Sampling(max_tokens=32)
     score_samples: Callable[[list[str], dict], dict[str, float]] = None
     delimiter: str = " "
 
@@ -241,35 +241,35 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Generation("nq_open", "world_knowledge", "google-research-datasets/nq_open", "validation", "exact_match",
                shots=5, fewshot_split="train", description=lambda d: "Answer these questions:\n\n",
                fewshot_delimiter="\n", prompt=lambda d: f"Q: {d['question']}?\nA:", answer=lambda d: d["answer"][0],
-               how=How(max_tokens=32, stop=("\n", ".", ",")),
+               how=Sampling(max_tokens=32, stop=("\n", ".", ",")),
                score_samples=partial(_em, targets=lambda d: d["answer"],
                                      regexes_to_ignore=(r"\b(?:The |the |An |A |The |a |an )",))),
     Generation("triviaqa", "world_knowledge", "mandarjoshi/trivia_qa (rc.nocontext)", "validation", "exact_match",
                shots=5, fewshot_split="train", prompt=lambda d: f"Question: {d['question']}?\nAnswer:",
-               answer=lambda d: d["answer"]["aliases"][0], how=How(max_tokens=32, stop=("\n", ".", ",")),
+               answer=lambda d: d["answer"]["aliases"][0], how=Sampling(max_tokens=32, stop=("\n", ".", ",")),
                score_samples=partial(_em, targets=lambda d: d["answer"]["aliases"])),
     MultipleChoice("boolq", "reading_comprehension", "super_glue (boolq)", "validation", "acc",
                    text=lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
                    choices=lambda d: ["no", "yes"], gold=lambda d: int(d["label"]), metrics=("acc",)),
     Generation("quac", "reading_comprehension", "allenai/quac", "validation", "f1", expand=_quac_turns,
-               prompt=lambda d: d["prompt"], answer=lambda d: d["answers"][0], how=How(max_tokens=32, stop=("\n",)),
+               prompt=lambda d: d["prompt"], answer=lambda d: d["answers"][0], how=Sampling(max_tokens=32, stop=("\n",)),
                score_samples=lambda s, d: {"f1": metrics.f1(s[0].strip(), d["answers"])}),
     Generation("gsm8k", "math", "openai/gsm8k (main)", "test", "maj@8", shots=8, fewshot_split="train",
                prompt=lambda d: f"Question: {d['question']}\nAnswer:", answer=_gsm8k_solution,
-               how=How(max_tokens=256, stop=("\n\nQuestion:", "Question:"), n=8, temperature=MAJ_TEMPERATURE),
+               how=Sampling(max_tokens=256, stop=("\n\nQuestion:", "Question:"), n=8, temperature=MAJ_TEMPERATURE),
                score_samples=partial(_majority, extract=metrics.extract_number, k=8,
                                      gold=lambda d: metrics.extract_number(d["answer"].split("####")[-1]))),
     Generation("hendrycks_math", "math", "EleutherAI/hendrycks_math", "test", "maj@4", shots=4,
                fewshot_split="train", subsets=MATH_SUBSETS, delimiter="\n",
                prompt=lambda d: f"Problem:\n{d['problem']}\n\nSolution:", answer=lambda d: d["solution"],
-               how=How(max_tokens=512, stop=("\n\nProblem:",), n=4, temperature=MAJ_TEMPERATURE),
+               how=Sampling(max_tokens=512, stop=("\n\nProblem:",), n=4, temperature=MAJ_TEMPERATURE),
                score_samples=partial(_majority, extract=_math_answer, k=4, gold=lambda d: _math_answer(d["solution"]))),
     Code("humaneval", "code", "openai/openai_humaneval", "test", prompt=lambda d: d["prompt"], delimiter="",
-         answer=lambda d: d["canonical_solution"], how=How(max_tokens=512, stop=HUMANEVAL_STOP),
+         answer=lambda d: d["canonical_solution"], how=Sampling(max_tokens=512, stop=HUMANEVAL_STOP),
          program=lambda d, c: f"{d['prompt']}{c}\n\n{d['test']}\n\ncheck({d['entry_point']})\n"),
     Code("mbpp", "code", "google-research-datasets/mbpp (full)", "test", shots=3, fewshot_split="prompt",
          prompt=_mbpp_prompt, delimiter="", answer=lambda d: f"{d['code']}\n[DONE]",
-         how=How(max_tokens=512, stop=("[DONE]",)),
+         how=Sampling(max_tokens=512, stop=("[DONE]",)),
          program=lambda d, c: "\n".join([d.get("test_setup_code") or "", c, *d["test_list"]]) + "\n"),
     MultipleChoice("mmlu", "aggregated", "cais/mmlu (all)", "test", "acc", shots=5, fewshot_split="dev",
                    group_by="subject", description=lambda d: MMLU_FORMAT.format(d["subject"].replace("_", " ")),
@@ -278,7 +278,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     ChainOfThought("bbh", "aggregated", "lukaemon/bbh, prompts: suzgun/BIG-Bench-Hard cot-prompts/<task>.txt", "test",
                "exact_match", shots=3, subsets=BBH_TASKS,
                prompt=lambda d: f"Q: {d['input']}\nA: Let's think step by step.", answer=lambda d: d["target"],
-               how=How(max_tokens=256, stop=("\n\nQ:",)),
+               how=Sampling(max_tokens=256, stop=("\n\nQ:",)),
                score_samples=lambda s, d: {"exact_match": float(metrics.extract_bbh(s[0]) == d["target"].strip())}),
     MultipleChoice("agieval", "aggregated", "hails/agieval-<exam>", "test", "acc", subsets=AGIEVAL_EN,
                    text=lambda d: d["query"], choices=lambda d: d["choices"], gold=lambda d: d["gold"][0]),
