@@ -16,7 +16,7 @@ from _server import start_server, stop_server
 from mistral7b.eval.cli import run
 
 MODEL = "SmolLM2-135M-Instruct"
-# lm-eval's own arc_easy and nq_open templates, pointed at our fixture files.
+# lm-eval's own arc_easy, boolq and nq_open templates, pointed at our fixture files.
 TASKS = {
     "fx_arc_easy": """task: fx_arc_easy
 dataset_path: json
@@ -27,6 +27,16 @@ doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 doc_to_choice: "{{{{choices.text}}}}"
 metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+""",
+    "fx_boolq": """task: fx_boolq
+dataset_path: json
+dataset_kwargs: {{data_files: {{validation: {dir}/boolq/validation.jsonl}}}}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{passage}}}}\nQuestion: {{{{question}}}}?\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["no", "yes"]
+metric_list: [{{metric: acc}}]
 """,
     "fx_nq_open": """task: fx_nq_open
 dataset_path: json
@@ -61,12 +71,13 @@ def test_our_scores_equal_lm_eval_through_the_same_server(tmp_path):
              "--tasks", ",".join(TASKS), "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        ours = run(Namespace(model=None, server=url, tasks="arc_easy,nq_open", data_dir=str(FIXTURES), limit=None,
+        ours = run(Namespace(model=None, server=url, tasks="arc_easy,boolq,nq_open", data_dir=str(FIXTURES), limit=None,
                              num_fewshot=0, seed=1234, output=None, plot=None))
     finally:
         stop_server(proc)
     theirs = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     assert ours["results"]["arc_easy"] == {"acc": theirs["fx_arc_easy"]["acc,none"],
                                            "acc_norm": theirs["fx_arc_easy"]["acc_norm,none"]}
+    assert ours["results"]["boolq"] == {"acc": theirs["fx_boolq"]["acc,none"]}
     assert ours["results"]["nq_open"] == {"exact_match": theirs["fx_nq_open"]["exact_match,remove_whitespace"]}
     assert ours["results"]["arc_easy"]["acc"] >= 0.5 and ours["results"]["nq_open"]["exact_match"] > 0  # not 0 == 0
