@@ -1,4 +1,4 @@
-"""The `mistral7b` command: generate, chat, serve, convert, info, finetune, merge."""
+"""The `mistral7b` command: generate, chat, serve, convert, info, finetune, merge, eval."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import InputError, Mistral7BError
+from .eval.cli import register as register_eval
 from .sampling import SamplingParams
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_convert)
 
     _finetune_parser(sub)
+    register_eval(sub)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
                        description="Write MODEL with the LoRA adapter folded into its weights, as a reference "
