@@ -63,3 +63,16 @@ def test_maj_at_k_draws_k_different_samples_reproducibly(backend):
     [first] = backend.generate(prompt, how)
     assert len(first) == 8 and len(set(first)) > 1  # not eight copies of one seed
     assert backend.generate(prompt, how) == [first]  # seed + i per sample: reproducible
+
+
+def test_two_models_side_by_side(tmp_path, capsys):
+    from mistral7b.defaults import default_model_path
+
+    path = str(default_model_path())
+    out = tmp_path / "two.json"
+    assert main(["--model", path, "--model", path, "--tasks", "boolq", "--data-dir", str(FIXTURES),
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first, second = report["models"]
+    assert report["models"][first]["results"] == report["models"][second]["results"]  # same weights, same scores
+    assert second == f"{first} (2)" and capsys.readouterr().out.splitlines()[0].endswith(second)

@@ -59,9 +59,11 @@ def _backends(args):
     import mistral7b
     from ..defaults import DEFAULT_MODEL_NAME
 
-    for path in args.model or [None]:
+    for i, path in enumerate(args.model or [None]):
         model = mistral7b.load(path, dtype=DTYPES[args.dtype], device=args.device)
         label = Path(path).name if path else DEFAULT_MODEL_NAME
+        if args.model and args.model.index(path) != i:  # the same checkpoint twice: keep both columns
+            label += f" ({i + 1})"
         yield label, EngineBackend(model.eval(), mistral7b.load_tokenizer(path), name=label,
                                    max_num_seqs=args.max_num_seqs)
 
