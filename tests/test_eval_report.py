@@ -66,3 +66,24 @@ def test_report_categories_table_json_and_chart(tmp_path):
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
     report.write_json(tmp_path / "r.json", two)
     assert json.loads((tmp_path / "r.json").read_text()) == two
+
+
+def test_falls_back_to_the_datasets_cache(tmp_path, monkeypatch):
+    """A split missing from --data-dir is read from the Arrow files `datasets.load_dataset` caches."""
+    import pyarrow as pa
+
+    from _eval_fakes import FakeBackend
+    from mistral7b.eval import TASKS, evaluate
+
+    rows = load_split(FIXTURES, "arc_easy", "test", "allenai/ai2_arc (ARC-Easy)")
+    shard = tmp_path / "cache" / "allenai___ai2_arc" / "ARC-Easy" / "0.0.0" / "0123abcd" / "ai2_arc-test.arrow"
+    shard.parent.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    assert load_split(tmp_path / "empty", "arc_easy", "test", "allenai/ai2_arc (ARC-Easy)") == rows
+    fake = FakeBackend(ll=lambda c, x: -len(x))
+    assert evaluate(TASKS["arc_easy"], fake, tmp_path / "empty")[1] == 4
+    with pytest.raises(InputError, match="ARC-Challenge"):
+        load_split(tmp_path / "empty", "arc_challenge", "test", "allenai/ai2_arc (ARC-Challenge)")

@@ -1,9 +1,11 @@
 """Reading a task's split from `--data-dir`: `DIR/<folder>/<split>.jsonl` (or `.json`, `.parquet`, or
-the Hub's `<split>-00000-of-00001.parquet` shards), rows in the Hugging Face dataset's own schema."""
+the Hub's `<split>-00000-of-00001.parquet` shards), rows in the Hugging Face dataset's own schema;
+failing that, from the Hugging Face `datasets` cache when the dataset was downloaded before."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -19,10 +21,14 @@ def split_file(folder: Path, split: str) -> Path | None:
 
 
 def load_split(data_dir: str | Path, folder: str, split: str, source: str) -> list[dict]:
-    """All rows of one split; `source` (the Hub dataset) goes into the error when the file is missing."""
+    """All rows of one split. `source` is the Hub dataset, "repo" or "repo (config)": where the
+    `datasets` cache is searched, and what the error names when the file is missing."""
     where = Path(data_dir) / folder
     path = split_file(where, split)
     if path is None:
+        cached = cached_split(source, split)
+        if cached:
+            return _arrow_rows(cached)
         raise InputError(f"missing {where / (split + '.jsonl')} (or .parquet): download the '{split}' split of "
                          f"the Hugging Face dataset {source} and save it there")
     if path.suffix == ".parquet":
@@ -41,12 +47,37 @@ def load_split(data_dir: str | Path, folder: str, split: str, source: str) -> li
     return rows
 
 
+def datasets_cache() -> Path:
+    """Where `datasets` keeps prepared datasets (its own rule: HF_DATASETS_CACHE, else HF_HOME/datasets)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "datasets"
+
+
+def cached_split(source: str, split: str) -> list[Path]:
+    """The Arrow shards of `split` that `datasets.load_dataset(repo, config)` left in its cache
+    (<repo with ___>/<config>/<version>/<hash>/<name>-<split>[-NNNNN-of-NNNNN].arrow), newest
+    preparation first found; [] when absent."""
+    repo, _, config = source.partition(" (")
+    root = datasets_cache() / repo.replace("/", "___") / (config.rstrip(")") or "default")
+    files = list(root.glob(f"*/*/*-{split}.arrow")) + list(root.glob(f"*/*/*-{split}-*-of-*.arrow"))
+    if not files:
+        return []
+    newest = max(files, key=lambda p: p.stat().st_mtime).parent
+    return sorted(p for p in files if p.parent == newest)
+
+
+def _arrow_rows(paths: list[Path]) -> list[dict]:
+    import pyarrow as pa
+
+    rows = []
+    for path in paths:
+        with pa.memory_map(str(path)) as source:
+            rows += pa.ipc.open_stream(source).read_all().to_pylist()
+    return rows
+
+
 def _parquet_rows(paths: list[Path]) -> list[dict]:
     import pyarrow.parquet as pq  # only when a Parquet file is read
 
     return [row for p in paths for row in pq.read_table(p).to_pylist()]
-
-
-def present_subsets(data_dir: str | Path, folder: str, subsets: tuple[str, ...], split: str) -> list[str]:
-    """The subsets (sub-folders, e.g. MMLU subjects or BBH tasks) whose `split` file is there."""
-    return [s for s in subsets if split_file(Path(data_dir) / folder / s, split) is not None]

@@ -15,7 +15,6 @@ from statistics import fmean
 
 from ..errors import InputError
 from .backends import Backend
-from .data import load_split, present_subsets
 from .sandbox import run_program
 from .tasks import Code, Generation, MultipleChoice, Task
 
@@ -31,13 +30,13 @@ def examples(task: Task, data_dir: str | Path, *, limit: int | None, shots: int,
     """The scored documents of a task (the first `limit` of each group) with their few-shot prefixes."""
     subsets: list[str | None] = [None]
     if task.subsets:
-        subsets = present_subsets(data_dir, task.name, task.subsets, task.split)
+        subsets = [s for s in task.subsets if task.available(data_dir, s)]
         if not subsets:
             raise InputError(f"no {task.name} data in {Path(data_dir) / task.name}: expected e.g. "
                              f"{task.name}/{task.subsets[0]}/{task.split}.jsonl from {task.source}")
     out: list[Example] = []
     for subset in subsets:
-        docs = load_split(data_dir, task.folder(subset), task.split, task.source)
+        docs = task.load(data_dir, subset, task.split)
         if task.expand:
             docs = [e for d in docs for e in task.expand(d)]
         pool = task.pool(data_dir, subset) if shots else []

@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..errors import InputError
 from . import metrics
-from .data import load_split
+from .data import cached_split, load_split, split_file
 from .fewshot import sample_shots
 from .backends import Sampling
 
@@ -34,7 +34,7 @@ CATEGORIES = {
 class Task:
     name: str
     category: str
-    source: str  # the Hugging Face dataset (named in errors and in the README)
+    source: str  # the Hugging Face dataset, "repo" or "repo (config)"; "<subset>" stands for each subset
     split: str  # the split scored
     primary: str  # the metric that enters the category average
     shots: int = 0
@@ -48,10 +48,17 @@ class Task:
     def folder(self, subset: str | None) -> str:
         return self.name if subset is None else f"{self.name}/{subset}"
 
+    def load(self, data_dir: str | Path, subset: str | None, split: str) -> list[dict]:
+        return load_split(data_dir, self.folder(subset), split, self.source.replace("<subset>", subset or ""))
+
+    def available(self, data_dir: str | Path, subset: str) -> bool:
+        """Whether a subset's scored split is in --data-dir or the `datasets` cache."""
+        return (split_file(Path(data_dir) / self.folder(subset), self.split) is not None
+                or bool(cached_split(self.source.replace("<subset>", subset), self.split)))
+
     def pool(self, data_dir: str | Path, subset: str | None) -> list[dict]:
         """Where the shots of one subset come from."""
-        split = self.fewshot_split or self.split
-        return load_split(data_dir, self.folder(subset), split, self.source)
+        return self.load(data_dir, subset, self.fewshot_split or self.split)
 
     def prefix(self, pool: list[dict], doc: dict, k: int, seed: int, key: str) -> str:
         """The description and k solved examples before the document's own prompt; shots of a
@@ -225,7 +232,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     PartialChoice("winogrande", "commonsense_reasoning", "allenai/winogrande (winogrande_xl)", "validation", "acc",
                   choices=_winogrande_options, gold=lambda d: int(d["answer"]) - 1,
                   suffix=lambda d: d["sentence"][d["sentence"].index("_") + 1:].strip()),
-    MultipleChoice("piqa", "commonsense_reasoning", "ybisk/piqa", "validation", "acc_norm",
+    MultipleChoice("piqa", "commonsense_reasoning", "ybisk/piqa (plain_text)", "validation", "acc_norm",
                    text=lambda d: f"Question: {d['goal']}\nAnswer:", choices=lambda d: [d["sol1"], d["sol2"]],
                    gold=lambda d: int(d["label"])),
     MultipleChoice("siqa", "commonsense_reasoning", "allenai/social_i_qa", "validation", "acc",
@@ -238,7 +245,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     MultipleChoice("commonsense_qa", "commonsense_reasoning", "tau/commonsense_qa", "validation", "acc",
                    text=lambda d: _lettered("Question: " + d["question"].strip(), d["choices"]["text"]),
                    choices=lambda d: d["choices"]["label"], gold=_by_label, metrics=("acc",)),
-    Generation("nq_open", "world_knowledge", "google-research-datasets/nq_open", "validation", "exact_match",
+    Generation("nq_open", "world_knowledge", "google-research-datasets/nq_open (nq_open)", "validation", "exact_match",
                shots=5, fewshot_split="train", description=lambda d: "Answer these questions:\n\n",
                fewshot_delimiter="\n", prompt=lambda d: f"Q: {d['question']}?\nA:", answer=lambda d: d["answer"][0],
                how=Sampling(max_tokens=32, stop=("\n", ".", ",")),
@@ -251,7 +258,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     MultipleChoice("boolq", "reading_comprehension", "super_glue (boolq)", "validation", "acc",
                    text=lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
                    choices=lambda d: ["no", "yes"], gold=lambda d: int(d["label"]), metrics=("acc",)),
-    Generation("quac", "reading_comprehension", "allenai/quac", "validation", "f1", expand=_quac_turns,
+    Generation("quac", "reading_comprehension", "allenai/quac (plain_text)", "validation", "f1", expand=_quac_turns,
                prompt=lambda d: d["prompt"], answer=lambda d: d["answers"][0], how=Sampling(max_tokens=32, stop=("\n",)),
                score_samples=lambda s, d: {"f1": metrics.f1(s[0].strip(), d["answers"])}),
     Generation("gsm8k", "math", "openai/gsm8k (main)", "test", "maj@8", shots=8, fewshot_split="train",
@@ -259,12 +266,12 @@ TASKS: dict[str, Task] = {t.name: t for t in [
                how=Sampling(max_tokens=256, stop=("\n\nQuestion:", "Question:"), n=8, temperature=MAJ_TEMPERATURE),
                score_samples=partial(_majority, extract=metrics.extract_number, k=8,
                                      gold=lambda d: metrics.extract_number(d["answer"].split("####")[-1]))),
-    Generation("hendrycks_math", "math", "EleutherAI/hendrycks_math", "test", "maj@4", shots=4,
+    Generation("hendrycks_math", "math", "EleutherAI/hendrycks_math (<subset>)", "test", "maj@4", shots=4,
                fewshot_split="train", subsets=MATH_SUBSETS, delimiter="\n",
                prompt=lambda d: f"Problem:\n{d['problem']}\n\nSolution:", answer=lambda d: d["solution"],
                how=Sampling(max_tokens=512, stop=("\n\nProblem:",), n=4, temperature=MAJ_TEMPERATURE),
                score_samples=partial(_majority, extract=_math_answer, k=4, gold=lambda d: _math_answer(d["solution"]))),
-    Code("humaneval", "code", "openai/openai_humaneval", "test", prompt=lambda d: d["prompt"], delimiter="",
+    Code("humaneval", "code", "openai/openai_humaneval (openai_humaneval)", "test", prompt=lambda d: d["prompt"], delimiter="",
          answer=lambda d: d["canonical_solution"], how=Sampling(max_tokens=512, stop=HUMANEVAL_STOP),
          program=lambda d, c: f"{d['prompt']}{c}\n\n{d['test']}\n\ncheck({d['entry_point']})\n"),
     Code("mbpp", "code", "google-research-datasets/mbpp (full)", "test", shots=3, fewshot_split="prompt",
@@ -275,11 +282,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
                    group_by="subject", description=lambda d: MMLU_FORMAT.format(d["subject"].replace("_", " ")),
                    text=lambda d: _lettered(d["question"], d["choices"]), choices=lambda d: list("ABCD"),
                    gold=lambda d: int(d["answer"]), metrics=("acc",)),
-    ChainOfThought("bbh", "aggregated", "lukaemon/bbh, prompts: suzgun/BIG-Bench-Hard cot-prompts/<task>.txt", "test",
+    ChainOfThought("bbh", "aggregated", "lukaemon/bbh (<subset>)", "test",
                "exact_match", shots=3, subsets=BBH_TASKS,
                prompt=lambda d: f"Q: {d['input']}\nA: Let's think step by step.", answer=lambda d: d["target"],
                how=Sampling(max_tokens=256, stop=("\n\nQ:",)),
                score_samples=lambda s, d: {"exact_match": float(metrics.extract_bbh(s[0]) == d["target"].strip())}),
-    MultipleChoice("agieval", "aggregated", "hails/agieval-<exam>", "test", "acc", subsets=AGIEVAL_EN,
+    MultipleChoice("agieval", "aggregated", "hails/agieval-<subset>", "test", "acc", subsets=AGIEVAL_EN,
                    text=lambda d: d["query"], choices=lambda d: d["choices"], gold=lambda d: d["gold"][0]),
 ]}
