@@ -33,7 +33,7 @@ def examples(task: Task, data_dir: str | Path, *, limit: int | None, shots: int,
         subsets = [s for s in task.subsets if task.available(data_dir, s)]
         if not subsets:
             raise InputError(f"no {task.name} data in {Path(data_dir) / task.name}: expected e.g. "
-                             f"{task.name}/{task.subsets[0]}/{task.split}.jsonl from {task.source}")
+                             f"{task.name}/{task.subsets[0]}/{task.split}.jsonl from {task.hub(task.subsets[0])}")
     out: list[Example] = []
     for subset in subsets:
         docs = task.load(data_dir, subset, task.split)

@@ -4,7 +4,6 @@ processes, no writes outside the temp dir)."""
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import sys

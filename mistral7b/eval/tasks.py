@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
 from . import metrics
+from .backends import Sampling
 from .data import cached_split, load_split, split_file
 from .fewshot import sample_shots
-from .backends import Sampling
 
 CATEGORIES = {
     "commonsense_reasoning": "Commonsense Reasoning",
@@ -48,13 +48,16 @@ class Task:
     def folder(self, subset: str | None) -> str:
         return self.name if subset is None else f"{self.name}/{subset}"
 
+    def hub(self, subset: str | None) -> str:
+        return self.source.replace("<subset>", subset or "")
+
     def load(self, data_dir: str | Path, subset: str | None, split: str) -> list[dict]:
-        return load_split(data_dir, self.folder(subset), split, self.source.replace("<subset>", subset or ""))
+        return load_split(data_dir, self.folder(subset), split, self.hub(subset))
 
     def available(self, data_dir: str | Path, subset: str) -> bool:
         """Whether a subset's scored split is in --data-dir or the `datasets` cache."""
         return (split_file(Path(data_dir) / self.folder(subset), self.split) is not None
-                or bool(cached_split(self.source.replace("<subset>", subset), self.split)))
+                or bool(cached_split(self.hub(subset), self.split)))
 
     def pool(self, data_dir: str | Path, subset: str | None) -> list[dict]:
         """Where the shots of one subset come from."""
