@@ -62,13 +62,14 @@ def encode_conversation(tokenizer, messages: list[dict]) -> list[Sample]:
     # Answers are located without system messages, whose placement some formats change turn by turn.
     plain = [m for m in messages if m.get("role") != "system"]
     samples, ids, target = [], [], []
+    j = -1  # index of the current message in `plain`
     for i, message in enumerate(messages):
+        j += message.get("role") != "system"
         if message.get("role") != "assistant":
             continue
         if not any(m.get("role") == "user" for m in messages[:i]):
             raise InputError(f"assistant message {i} has no user message before it")
         prompt = tokenizer.encode_chat(messages[:i])
-        j = plain.index(message)
         answer = _answer(tokenizer, plain[:j + 1], len(tokenizer.encode_chat(plain[:j])))
         if prompt[:len(ids)] != ids:
             samples.append(Sample(ids, target))

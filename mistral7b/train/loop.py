@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .. import lora
 from ..errors import InputError
 from ..model import Transformer
+from ..tokenizer import load_tokenizer
 from ..weights import _parse_dtype, load, save
 from . import checkpoint
 from .data import Batches, MicroBatch, read_jsonl
@@ -157,9 +158,6 @@ def train(cfg: TrainConfig) -> Path:
         raise InputError(f"{out} already holds training checkpoints; pass --resume to continue, or choose a new --out")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
     use_autocast = {"on": True, "off": False}.get(cfg.autocast, device.type == "cuda" and torch.cuda.is_bf16_supported())
-
-    from ..tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model)
     data = Batches(read_jsonl(cfg.data, tokenizer, cfg.seq_len), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                    seed=cfg.seed)
