@@ -19,6 +19,17 @@ _IGNORED_KEYS = {"max_batch_size", "model_type", "max_position_embeddings", "_na
 _UNSUPPORTED_KEYS = {"moe": "mixture-of-experts", "vision_encoder": "vision", "lora": "built-in LoRA"}
 
 
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON config file's object; a ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return data
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -79,14 +90,7 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(Path(path)), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The reference `params.json` content (defaults that the reference omits are left out)."""

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .args import read_json_object
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
 from .weights.hf import permute_from_hf, permute_to_hf
@@ -194,16 +195,6 @@ def save_adapter(model: Transformer, path: str | os.PathLike, *, base_model: str
     _write(peft_state, path / PEFT_WEIGHTS)
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
-    return data
-
-
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise CheckpointError(f"{file.parent}: adapter weights {file.name} are missing")
@@ -214,7 +205,7 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_ours(path: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    data = _read_json(path / OUR_CONFIG)
+    data = read_json_object(path / OUR_CONFIG)
     try:
         config = LoRAConfig(rank=data["rank"], alpha=data["alpha"], dropout=data.get("dropout", 0.0),
                             targets=tuple(data["targets"]))
@@ -227,7 +218,7 @@ def _read_ours(path: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
 
 def _read_peft(path: Path, model: Transformer) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     file = path / PEFT_CONFIG
-    data = _read_json(file)
+    data = read_json_object(file)
     if data.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{file}: peft_type {data['peft_type']!r} is not supported (only LORA)")
     for key in ("use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):

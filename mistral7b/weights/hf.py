@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..args import ModelArgs
+from ..args import ModelArgs, read_json_object
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from .common import NamedTensors, iter_safetensors
@@ -115,11 +115,7 @@ def config_from_args(args: ModelArgs) -> dict[str, Any]:
 
 def read_args(path: Path) -> ModelArgs:
     file = path / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    return args_from_config(config, str(file))
+    return args_from_config(read_json_object(file), str(file))
 
 
 def weight_files(path: Path) -> list[Path]:
