@@ -67,9 +67,19 @@ def cached_split(source: str, split: str) -> list[Path]:
     return sorted(p for p in files if p.parent == newest)
 
 
-def _arrow_rows(paths: list[Path]) -> list[dict]:
-    import pyarrow as pa
+def _pyarrow():
+    """pyarrow, needed only for Parquet files and the datasets cache (`pip install mistral7b[eval]`)."""
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise InputError("reading Parquet or Arrow files needs pyarrow: pip install pyarrow") from None
+    return pyarrow
 
+
+def _arrow_rows(paths: list[Path]) -> list[dict]:
+    pa = _pyarrow()
     rows = []
     for path in paths:
         with pa.memory_map(str(path)) as source:
@@ -78,6 +88,5 @@ def _arrow_rows(paths: list[Path]) -> list[dict]:
 
 
 def _parquet_rows(paths: list[Path]) -> list[dict]:
-    import pyarrow.parquet as pq  # only when a Parquet file is read
-
+    pq = _pyarrow().parquet
     return [row for p in paths for row in pq.read_table(p).to_pylist()]
