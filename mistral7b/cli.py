@@ -221,7 +221,8 @@ def _params(args) -> SamplingParams:
 
 
 def _stats(completion) -> str:
-    return f"[{len(completion.tokens)} tokens, {completion.tokens_per_second:.1f} tok/s]"
+    return (f"[{len(completion.tokens)} tokens, {completion.tokens_per_second:.1f} tok/s, "
+            f"first token after {completion.prompt_seconds:.2f} s]")
 
 
 def _run_generate(args) -> None:

@@ -63,10 +63,6 @@ class SamplingError(ValueError):
         self.param = param
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
-    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-
-
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
     """logits [vocab] of one sequence -> penalised copy (presence/frequency over the output,
     repetition over prompt and output, as vLLM does)."""

@@ -244,7 +244,7 @@ class Engine:
             request_id=seq.request.request_id, index=seq.index, new_tokens=tokens, new_text=text,
             new_logprobs=logprobs, finish_reason=seq.finish_reason,
             prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
-            num_prompt_tokens=len(seq.prompt), num_generated=len(seq.tokens), arrival=seq.request.arrival)
+            arrival=seq.request.arrival)
 
 
 def _logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:

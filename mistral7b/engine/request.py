@@ -55,7 +55,6 @@ class Sequence:
         seed = self.params.seed
         # n > 1 with a seed: sequence i draws from seed + i, so the n samples differ but reproduce.
         self.generator = torch.Generator().manual_seed(seed + index) if seed is not None else None
-        self.first_token_time: float | None = None
 
     @property
     def prompt(self) -> list[int]:
@@ -81,6 +80,4 @@ class SequenceOutput:
     new_logprobs: list[TokenLogprob]
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is done (if asked)
-    num_prompt_tokens: int = 0
-    num_generated: int = 0
     arrival: float = 0.0  # the request's time.monotonic() on arrival (for latency metrics)
