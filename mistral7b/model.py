@@ -49,6 +49,55 @@ def _to_padded(x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return x.view(plan.batch, plan.length, *x.shape[1:]).transpose(1, 2)
 
 
+def _storage_ptr(linear: nn.Module) -> int:
+    if hasattr(linear, "storage_ptr"):  # a quant.QuantLinear
+        return linear.storage_ptr()
+    return linear.weight.untyped_storage().data_ptr()
+
+
+class FusedProjection:
+    """Projections of the same input (q/k/v, or gate/up) as one matmul: at batch 1 every matmul
+    call has a fixed cost, so three calls cost more than one three times the size.
+
+    The parts become views of the fused weight (no extra memory), and this object lives outside
+    the module tree, so state_dict, saving, LoRA and tensor parallelism still see only the parts.
+    Anything that replaces a part or its weight (LoRA wrapping, a dtype cast) makes `matches`
+    false, and the caller falls back to the separate projections.
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = parts
+        self.sizes = [p.out_features for p in parts]
+        if all(hasattr(p, "concat") and type(p) is type(parts[0]) for p in parts):  # quant.QuantLinear
+            self.linear = type(parts[0]).concat(parts)
+            bind = lambda part, a, b: part.view_rows_of(self.linear, a, b)
+        elif all(type(p) is nn.Linear and p.bias is None for p in parts):
+            weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
+            self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            self.linear.weight = nn.Parameter(weight, requires_grad=False)
+            bind = lambda part, a, b: setattr(part, "weight", nn.Parameter(weight[a:b], part.weight.requires_grad))
+        else:
+            raise TypeError("only plain or identically quantized linear layers without bias can be fused")
+        start = 0
+        for part, size in zip(parts, self.sizes):
+            bind(part, start, start + size)
+            start += size
+        self.ptr = _storage_ptr(self.linear)
+
+    def matches(self, parts: list[nn.Module]) -> bool:
+        return all(a is b and _storage_ptr(a) == self.ptr for a, b in zip(parts, self.parts))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x).split(self.sizes, dim=-1)
+
+
+def _fused_or_none(fused: FusedProjection | None, parts: list[nn.Module]) -> FusedProjection | None:
+    # Training needs the parts' own parameters in the autograd graph.
+    if fused is None or torch.is_grad_enabled() or not fused.matches(parts):
+        return None
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -57,13 +106,24 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.fused_qkv: FusedProjection | None = None
+
+    def fuse(self) -> None:
+        self.fused_qkv = FusedProjection([self.wq, self.wk, self.wv])
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> q [T, H*hd], k, v [T, Hkv*hd]."""
+        parts = [self.wq, self.wk, self.wv]
+        fused = _fused_or_none(self.fused_qkv, parts)
+        return fused(x) if fused else tuple(p(x) for p in parts)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: StepPlan,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rope(self.wq(x).view(T, self.n_heads, self.head_dim), *rope)  # [T, H, hd]
-        k = apply_rope(self.wk(x).view(T, self.n_kv_heads, self.head_dim), *rope)  # [T, Hkv, hd]
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = apply_rope(q.view(T, self.n_heads, self.head_dim), *rope)  # [T, H, hd]
+        k = apply_rope(k.view(T, self.n_kv_heads, self.head_dim), *rope)  # [T, Hkv, hd]
+        v = v.view(T, self.n_kv_heads, self.head_dim)
 
         qp, kp, vp = _to_padded(q, plan), _to_padded(k, plan), _to_padded(v, plan)  # [B, heads, L, hd]
         if cache is not None:
@@ -85,9 +145,15 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.fused_gate_up: FusedProjection | None = None
+
+    def fuse(self) -> None:
+        self.fused_gate_up = FusedProjection([self.w1, self.w3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        fused = _fused_or_none(self.fused_gate_up, [self.w1, self.w3])
+        gate, up = fused(x) if fused else (self.w1(x), self.w3(x))  # [T, hidden] each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -125,6 +191,14 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
+
+    def fuse_projections(self) -> Transformer:
+        """Compute q/k/v and gate/up as one matmul each at inference (idempotent; call it again
+        after quantizing or casting). The engine does this for every model it runs."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        return self
 
     def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
         """A KV cache in this model's dtype and device (W slots per sequence for windowed models)."""

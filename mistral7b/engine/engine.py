@@ -44,7 +44,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_tokens_per_step: int = 256,
                  chunk_size: int | None = None, max_queue: int = 1024):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = model.fuse_projections(), tokenizer
         limit = context_limit(model)  # None for windowed models: their cache rolls
         if max_model_len is not None and limit is not None:
             max_model_len = min(max_model_len, limit)
