@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .bench import register as register_bench
 from .errors import InputError, Mistral7BError
 from .eval.cli import register as register_eval
 from .sampling import SamplingParams
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _finetune_parser(sub)
     register_eval(sub)
+    register_bench(sub)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
                        description="Write MODEL with the LoRA adapter folded into its weights, as a reference "
