@@ -1,0 +1,65 @@
+"""Builds and loads kernels.cpp (the `torch.ops.mistral7b.*` ops) on first use.
+
+The build goes to torch's extensions cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR),
+which persists across processes: only the first process after a change to kernels.cpp compiles.
+No compiler, a CPU without AVX2, or a failed build warn once and leave the pure-torch path in use.
+`MISTRAL7B_NATIVE=0` forces that path (read on every call, so tests can flip it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+# -ffp-contract=off: dequantize rounds q * s, then + m, exactly as the pure-torch reference.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
+
+
+def native_available() -> bool:
+    """True when the native ops are built, the CPU has AVX2 and MISTRAL7B_NATIVE is not 0."""
+    return os.environ.get("MISTRAL7B_NATIVE", "1") != "0" and _load()
+
+
+_built: list[bool] = []  # the build's outcome, once known
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer, it does not trace the build
+def _load() -> bool:
+    if not _built:
+        _built.append(_build())
+    return _built[0]
+
+
+def _build() -> bool:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="mistral7b_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, headers or ninja: any failure means "use the fallback"
+        warnings.warn(f"mistral7b.kernels: native build failed, using pure torch: {e}", stacklevel=3)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the ops without running them: torch.compile traces them as extern calls."""
+
+    def gemv(x, qweight, *_):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    def dequantize(qweight, scales, *rest):
+        n, k = qweight.shape[0], qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
+        return qweight.new_empty((n, k), dtype=rest[-1])
+
+    for name in ("int8_gemv", "int4_gemv", "float_gemv"):
+        torch.library.register_fake(f"mistral7b::{name}", gemv)
+    for name in ("dequantize_int8", "dequantize_int4"):
+        torch.library.register_fake(f"mistral7b::{name}", dequantize)

@@ -1,0 +1,168 @@
+"""mistral7b.kernels: formats, native kernels against the pure-torch reference, GGUF layout, compile, grads.
+
+Tolerance of the quantized GEMVs: they quantize the activations per 32-block to int8 (a relative error
+of up to 1/254 per element, random in sign), so the outputs differ from dequantize + F.linear by ~0.6%
+(relative Frobenius norm) on random data; we allow 2%. bf16 outputs add their own rounding (0.4%).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral7b import kernels
+from mistral7b.kernels import formats, native
+
+needs_native = pytest.mark.skipif(not kernels.native_available(), reason="native kernels unavailable")
+QUANT_RTOL = 2e-2
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def weight(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / math.sqrt(k)
+
+
+@pytest.mark.parametrize("group", [None, 32, 96])
+def test_int8_roundtrip_error_is_at_most_half_a_step(group):
+    w = weight(64, 576)
+    q, s = kernels.quantize_int8(w, group)
+    g = group or 576
+    assert q.dtype == torch.int8 and q.shape == w.shape and s.shape == (64, 576 // g)
+    assert q.abs().max() <= 127
+    err = (kernels.dequantize_int8(q, s) - w).abs().reshape(64, -1, g)
+    assert (err <= s[..., None] / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_roundtrip_error_is_at_most_half_a_step(group):
+    w = weight(64, 1536)
+    q, s, m = kernels.quantize_int4(w, group)
+    assert q.dtype == torch.uint8 and q.shape == (64, 768) and s.shape == m.shape == (64, 1536 // group)
+    err = (kernels.dequantize_int4(q, s, m) - w).abs().reshape(64, -1, group)
+    assert (err <= s[..., None] / 2 * (1 + 1e-5) + 1e-7).all()
+
+
+def test_bad_group_size_is_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.quantize_int4(weight(8, 576), 48)
+    with pytest.raises(ValueError, match="dividing K"):
+        kernels.quantize_int8(weight(8, 576), 128)
+
+
+def test_gguf_q4_1_bytes_are_our_int4_layout():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = weight(16, 576).numpy()
+    raw = quantize(w, GGMLQuantizationType.Q4_1)  # [16, 576 / 32 * 20]: per block d fp16, m fp16, 16 bytes
+    blocks = torch.from_numpy(raw.reshape(16, -1, 20).copy())
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    mins = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    qweight = blocks[..., 4:].reshape(16, -1)
+    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).reshape(16, 576))
+    assert torch.equal(formats.dequantize_int4(qweight, scales, mins), expected)
+    assert torch.equal(kernels.dequantize_int4(qweight, scales, mins), expected)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dequantize_equals_reference(dtype):
+    w = weight(48, 1536)
+    q8, s8 = kernels.quantize_int8(w, 64)
+    q4, s4, m4 = kernels.quantize_int4(w, 128)
+    assert torch.equal(kernels.dequantize_int8(q8, s8, dtype), formats.dequantize_int8(q8, s8, dtype))
+    assert torch.equal(kernels.dequantize_int4(q4, s4, m4, dtype), formats.dequantize_int4(q4, s4, m4, dtype))
+
+
+CASES = [(k, g) for k in (576, 1536) for g in (32, 64, 128) if k % g == 0]
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,group", CASES)
+def test_int4_linear_matches_reference(k, group, dtype, rows):
+    q, s, m = kernels.quantize_int4(weight(96, k), group)
+    x = torch.randn(rows, k).to(dtype)
+    y = kernels.int4_linear(x, q, s, m)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    assert rel_err(y, F.linear(x.float(), formats.dequantize_int4(q, s, m))) < QUANT_RTOL
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,group", [(576, None), (1536, None), (576, 64), (1536, 32)])
+def test_int8_linear_matches_reference(k, group, dtype, rows):
+    q, s = kernels.quantize_int8(weight(96, k), group)
+    x = torch.randn(rows, k).to(dtype)
+    y = kernels.int8_linear(x, q, s)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    assert rel_err(y, F.linear(x.float(), formats.dequantize_int8(q, s))) < QUANT_RTOL
+
+
+@needs_native
+def test_leading_dims_and_fp16_activations():
+    q, s, m = kernels.quantize_int4(weight(40, 576))
+    x = torch.randn(2, 3, 576)
+    y = kernels.int4_linear(x.half(), q, s, m)
+    assert y.dtype == torch.float16 and y.shape == (2, 3, 40)
+    assert rel_err(y, F.linear(x, formats.dequantize_int4(q, s, m))) < QUANT_RTOL
+
+
+@needs_native
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("k", [576, 100])
+def test_float_linear_matches_f_linear(k, rows, wdtype):
+    w = weight(72, k).to(wdtype)
+    x = torch.randn(rows, k)
+    torch.testing.assert_close(kernels.float_linear(x, w), F.linear(x, w.float()), rtol=1e-4, atol=1e-5)
+
+
+def test_fallback_is_the_reference(monkeypatch):
+    monkeypatch.setenv("MISTRAL7B_NATIVE", "0")
+    assert not kernels.native_available()
+    w = weight(32, 576)
+    x = torch.randn(3, 576)
+    q4, s4, m4 = kernels.quantize_int4(w)
+    q8, s8 = kernels.quantize_int8(w)
+    assert torch.equal(kernels.int4_linear(x, q4, s4, m4), F.linear(x, formats.dequantize_int4(q4, s4, m4)))
+    assert torch.equal(kernels.int8_linear(x, q8, s8), F.linear(x, formats.dequantize_int8(q8, s8)))
+    assert torch.equal(kernels.float_linear(x, w), F.linear(x, w))
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match="native build failed"):
+        assert native._build() is False
+
+
+def test_int8_linear_gradients_are_those_of_the_dequantized_weight():
+    q, s = kernels.quantize_int8(weight(48, 576))
+    x = torch.randn(4, 576, requires_grad=True)
+    kernels.int8_linear(x, q, s).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    F.linear(x_ref, formats.dequantize_int8(q, s)).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_int4_linear_under_torch_compile():
+    q, s, m = kernels.quantize_int4(weight(64, 576))
+
+    def f(x):
+        return kernels.int4_linear(x, q, s, m).relu() * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    for rows in (1, 64):
+        x = torch.randn(rows, 576)
+        torch.testing.assert_close(compiled(x), f(x))
