@@ -19,11 +19,11 @@ from pathlib import Path
 
 from ..errors import InputError
 from .report import add_bandwidth, add_ratios, ratio_table, speed_table
+from .worker import measure_bandwidth
 
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTS = ("int8", "int4")
 PEERS = ("transformers", "llama.cpp")
-BANDWIDTH_BYTES = 2**30  # big enough to defeat the caches of any CPU
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -58,6 +58,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "only), or none (default: both)")
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="timed passes after the warm-up; the median is reported (default: 3)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, metavar="N",
+                   help="size of the buffer summed to measure memory bandwidth; keep it well above the CPU's "
+                        "caches (default: 1024)")
     p.add_argument("--json", metavar="PATH", help="also write every number, the machine and the command here")
     p.set_defaults(run=run)
     return p
@@ -100,7 +103,7 @@ def parse_peers(spec: str) -> list[str]:
 
 
 def _check_counts(args) -> None:
-    for flag in ("prompt_tokens", "decode_tokens", "batch", "repeat", "threads", "group_size"):
+    for flag in ("prompt_tokens", "decode_tokens", "batch", "repeat", "threads", "group_size", "bandwidth_mib"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -185,14 +188,14 @@ def run(args) -> None:
     base = dict(model=str(path), prompts=prompts, decode_tokens=args.decode_tokens, repeat=args.repeat,
                 threads=threads)
     machine = _machine(threads)
+    print("bench: memory bandwidth ...", file=sys.stderr, flush=True)
+    bandwidth_gb_s = measure_bandwidth(threads, args.bandwidth_mib * 2**20)
     with tempfile.TemporaryDirectory(prefix="mistral7b-bench-") as tmp:
         workers = Workers(Path(tmp))
-        bandwidth = workers.run("bandwidth", "memory bandwidth", bytes=BANDWIDTH_BYTES, threads=threads)
         rows = [{"engine": "ours", "config": c.label, "dtype": c.dtype,
                  **workers.run("ours", f"ours {c.label}", **base, dtype=c.dtype, quantize=c.quantize,
                                group_size=args.group_size)} for c in configs]
         rows += _peer_rows(workers, peers, configs, fmt, path, Path(tmp), base)
-    bandwidth_gb_s = bandwidth.get("bandwidth_gb_s")
     # Decode step j (0-based) of batch 1 attends to prompt_tokens + j + 1 keys: on average this many.
     mean_context = args.prompt_tokens + (args.decode_tokens + 1) / 2
     for row in rows:
@@ -200,7 +203,7 @@ def run(args) -> None:
     add_ratios(rows)
 
     print(f"{path.name}: {args.prompt_tokens} prompt tokens, {args.decode_tokens} decoded, batch {args.batch}, "
-          f"{threads} threads, median of {args.repeat}; memory bandwidth {bandwidth_gb_s or 0:.1f} GB/s "
+          f"{threads} threads, median of {args.repeat}; memory bandwidth {bandwidth_gb_s:.1f} GB/s "
           f"(load average {machine['load_average']:.1f} at the start)")
     print(speed_table(rows, args.batch, bandwidth_gb_s))
     ratios = ratio_table(rows, args.batch)

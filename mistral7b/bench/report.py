@@ -35,9 +35,10 @@ def _num(value, fmt: str) -> str:
 
 
 def render(headers: list[str], lines: list[list[str]], text_columns: int) -> str:
-    """An aligned markdown table: the first `text_columns` columns left, the numbers right."""
+    """An aligned markdown table: the first `text_columns` columns left, then numbers right, and a
+    last "note" column left."""
     widths = [max(len(x) for x in col) for col in zip(headers, *lines)]
-    numeric = [i >= text_columns for i in range(len(headers))]
+    numeric = [text_columns <= i and headers[i] != "note" for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if right else c.ljust(w)
@@ -47,18 +48,19 @@ def render(headers: list[str], lines: list[list[str]], text_columns: int) -> str
     return "\n".join([line(headers), rule] + [line(cells) for cells in lines])
 
 
-def speed_table(rows: list[dict], batch: int, bandwidth_gb_s: float | None) -> str:
+def speed_table(rows: list[dict], batch: int, bandwidth_gb_s: float) -> str:
     headers = ["engine", "config", "prefill tok/s", "decode tok/s b1", f"decode tok/s b{batch}", "peak MiB",
-               "weights MiB", "GB/s", f"% of {_num(bandwidth_gb_s, '.1f')} GB/s", "limit tok/s"]
+               "weights MiB", "GB/s", f"% of {bandwidth_gb_s:.1f} GB/s", "limit tok/s", "note"]
     lines = []
     for r in rows:
         if "skipped" in r:
-            lines.append([r["engine"], r["config"], f"skipped: {r['skipped']}"] + ["-"] * (len(headers) - 3))
+            lines.append([r["engine"], r["config"]] + ["-"] * (len(headers) - 3) + [f"skipped: {r['skipped']}"])
             continue
         lines.append([r["engine"], r["config"], _num(r["prefill_tok_s"], ".1f"), _num(r["decode_b1_tok_s"], ".1f"),
                       _num(r.get("decode_bn_tok_s"), ".1f"), _num(r["peak_rss_mib"], ".0f"),
-                      _num(r["weight_bytes"] / 2**20, ".0f"), _num(r.get("gb_s"), ".2f"),
-                      _num(r.get("bandwidth_pct"), ".0f"), _num(r.get("bandwidth_limit_tok_s"), ".0f")])
+                      _num(r["weight_bytes"] / 2**20, ".1f"), _num(r.get("gb_s"), ".2f"),
+                      _num(r.get("bandwidth_pct"), ".0f"), _num(r.get("bandwidth_limit_tok_s"), ".0f"),
+                      r.get("note", "")])
     return render(headers, lines, text_columns=2)
 
 

@@ -2,8 +2,8 @@
 
     python -m mistral7b.bench.worker SPEC.json RESULT.json
 
-SPEC["kind"] picks it: "ours", "transformers", "llama.cpp" (the same workload through each), "bandwidth"
-(memory read speed) or "export" (write a Hugging Face copy of the checkpoint for transformers). RESULT
+SPEC["kind"] picks it: "ours", "transformers", "llama.cpp" (the same workload through each) or "export"
+(write a Hugging Face copy of the checkpoint for transformers). RESULT
 gets the numbers, or {"skipped": reason} when the engine cannot run here; either way plus "peak_rss_mib".
 
 Every engine runs the same greedy workload: warm-up, then `repeat` timed passes; each pass feeds
@@ -19,7 +19,6 @@ import resource
 import statistics
 import sys
 import time
-from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -50,14 +49,17 @@ def measure(run_pass: Pass, prompts: list[list[int]], decode_tokens: int, repeat
 
 def weight_bytes(model, embedding) -> tuple[int, int]:
     """(bytes of every weight, bytes one decoded token reads) of a torch model: all of them but the
-    `embedding` table, of which a token gathers one row (a tied output projection reads it whole)."""
-    def unique_bytes(modules) -> int:
-        tensors = {id(t): t for m in modules for t in chain(m.parameters(recurse=False), m.buffers(recurse=False))}
-        return sum(t.nbytes for t in tensors.values())
+    `embedding` table, of which a token gathers one row (a tied output projection reads it whole).
+    Weights are the state dict's tensors (a tied table once), not scratch buffers such as RoPE's."""
+    prefix = next(name for name, module in model.named_modules() if module is embedding) + "."
+    named = model.state_dict(keep_vars=True)
+    table = embedding.weight
 
-    others = [m for m in model.modules() if m is not embedding]
-    row = embedding.weight.nbytes // embedding.weight.shape[0]
-    return unique_bytes(model.modules()), unique_bytes(others) + row
+    def unique_bytes(tensors) -> int:
+        return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
+
+    read = unique_bytes(t for name, t in named.items() if not name.startswith(prefix))
+    return unique_bytes(named.values()), read + table.nbytes // table.shape[0]
 
 
 def kv_bytes_per_position(n_layers: int, n_kv_heads: int, head_dim: int, element_size: int) -> int:
@@ -207,19 +209,19 @@ def run_llama_cpp(spec: dict) -> dict:
             "note": "llama-cpp-python runs one sequence: no batch-N decode"}
 
 
-def run_bandwidth(spec: dict) -> dict:
-    """Memory read speed: the best of several sums of a large fp32 tensor (GB/s, 1e9 bytes)."""
+def measure_bandwidth(threads: int, nbytes: int) -> float:
+    """Memory read speed in GB/s (1e9 bytes): the best of several sums of an fp32 tensor of `nbytes`."""
     import torch
 
-    _set_threads(spec["threads"])
-    x = torch.ones(spec["bytes"] // 4)
+    _set_threads(threads)
+    x = torch.ones(nbytes // 4)
     x.sum()
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - start)
-    return {"bandwidth_gb_s": x.nbytes / best / 1e9}
+    return x.nbytes / best / 1e9
 
 
 def run_export(spec: dict) -> dict:
@@ -229,8 +231,7 @@ def run_export(spec: dict) -> dict:
     return {}
 
 
-RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
-           "bandwidth": run_bandwidth, "export": run_export}
+RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llama_cpp, "export": run_export}
 
 
 def main(spec_path: str, result_path: str) -> None:

@@ -1,0 +1,77 @@
+"""`mistral7b bench`, run as the real command: on a tiny random model with transformers as the peer,
+and (slow) on the default SmolLM2 GGUF against llama.cpp."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_hf_model
+from test_cli import run_cli
+
+from mistral7b.cli import main
+
+SPEEDS = ("prefill_tok_s", "decode_b1_tok_s", "decode_bn_tok_s")
+TINY_WORKLOAD = ["--prompt-tokens", "8", "--decode-tokens", "4", "--batch", "2", "--repeat", "1",
+                 "--bandwidth-mib", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    model = make_hf_model("w4")
+    folder = tmp_path_factory.mktemp("bench-hf")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_bench_tiny_model_against_transformers(tiny_hf, tmp_path):
+    hf_model, folder = tiny_hf
+    out = run_cli("bench", "--model", str(folder), "--configs", "fp32", "--peers", "transformers,llama.cpp",
+                  *TINY_WORKLOAD, "--json", str(tmp_path / "bench.json"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["command"].startswith("mistral7b bench --model")
+    assert report["machine"]["threads"] >= 1 and report["bandwidth_gb_s"] > 0
+    rows = {r["engine"]: r for r in report["rows"]}
+    ours, peer = rows["ours"], rows["transformers"]
+    for row in (ours, peer):
+        assert all(row[m] > 0 for m in SPEEDS), row
+        assert row["gb_s"] > 0 and row["bandwidth_pct"] > 0 and row["bandwidth_limit_tok_s"] > 0
+        assert row["peak_rss_mib"] > row["weight_bytes"] / 2**20
+    # The same weights, counted the same way on both sides: all of them (fp32, untied), and per
+    # decoded token all but the embedding table, of which one row.
+    embedding = hf_model.get_input_embeddings().weight
+    total = 4 * sum(p.numel() for p in hf_model.parameters())
+    assert ours["weight_bytes"] == peer["weight_bytes"] == total
+    assert ours["weight_bytes_per_token"] == total - 4 * embedding.numel() + 4 * embedding.shape[1]
+    assert ours["kv_bytes_per_position"] == peer["kv_bytes_per_position"] == 2 * 2 * 2 * 16 * 4
+    assert set(ours["vs"]["transformers fp32"]) == set(SPEEDS)
+    assert rows["llama.cpp"]["skipped"] == "llama.cpp reads GGUF files only"
+    assert "| ours " in out.stdout and "| transformers " in out.stdout and "fp32 / transformers fp32" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "no such file"),
+    (["--configs", "fp64"], "'fp64' is not a config"),
+    (["--configs", "bf16+int3"], "'bf16+int3' is not a config"),
+    (["--peers", "vllm"], "unknown peer(s) vllm"),
+    (["--batch", "0"], "--batch must be at least 1"),
+])
+def test_bench_user_errors_are_one_line(args, message, capsys):
+    assert main(["bench", *args]) == 2  # in this process: the checks come before any worker starts
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_default_model_against_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = run_cli("bench", "--configs", "fp32", "--peers", "llama.cpp", *TINY_WORKLOAD,
+                  "--json", str(tmp_path / "bench.json"))
+    assert out.returncode == 0, out.stderr
+    rows = {r["engine"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    ours, peer = rows["ours"], rows["llama.cpp"]
+    assert peer["config"] == "Q4_1" and peer["decode_b1_tok_s"] > 0 and peer["decode_bn_tok_s"] is None
+    # llama.cpp reads the file's 4-bit blocks; we read the weights dequantized to fp32.
+    assert 4 < ours["weight_bytes_per_token"] / peer["weight_bytes_per_token"] < 8
+    assert ours["vs"]["llama.cpp Q4_1"]["decode_b1_tok_s"] > 0
