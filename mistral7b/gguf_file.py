@@ -71,10 +71,33 @@ class GGUFFile:
         row_bytes = tensor.shape[-1] // block * block_bytes
         return np.frombuffer(self._map, np.uint8, tensor.nbytes, tensor.offset).reshape(*tensor.shape[:-1], row_bytes)
 
-    def dequantize(self, tensor: TensorInfo) -> np.ndarray:
+    def dequantize(self, tensor: TensorInfo, part: tuple[int, int, int] | None = None) -> np.ndarray:
         """float32 [shape]: F32 data is a read-only view of the map, other types a fresh array.
-        NotImplementedError for types the gguf package cannot dequantize."""
-        return dequantize(self.data(tensor), tensor.type).reshape(tensor.shape)
+        NotImplementedError for types the gguf package cannot dequantize.
+
+        part (dim, start, stop): only those rows, or those columns (innermost dim), dequantizing
+        only their blocks when the columns fall on block edges."""
+        blocks = self.blocks(tensor, part)
+        if blocks is None:  # columns cut through blocks: dequantize the rows whole
+            return self.dequantize(tensor)[..., part[1]:part[2]]
+        data, shape = blocks
+        return dequantize(data, tensor.type).reshape(shape)
+
+    def blocks(self, tensor: TensorInfo, part: tuple[int, int, int] | None = None) -> tuple[np.ndarray, list[int]] | None:
+        """(the bytes of `part` of a tensor as `data` gives them, its shape); None when the part's
+        columns do not fall on block edges."""
+        data, shape = self.data(tensor), list(tensor.shape)
+        if part is not None:
+            dim, start, stop = part
+            block, block_bytes = GGML_QUANT_SIZES[tensor.type]
+            if dim < len(shape) - 1:
+                data = data[(slice(None),) * dim + (slice(start, stop),)]
+            elif start % block or stop % block:
+                return None
+            else:
+                data = data[..., start // block * block_bytes:stop // block * block_bytes]
+            shape[dim] = stop - start
+        return data, shape
 
 
 def open_gguf(path: Path) -> GGUFFile:

@@ -33,6 +33,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="bar chart of the category averages (default: beside --output)")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights and compute dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization of the linear layers")
+    p.add_argument("--group-size", type=int, metavar="G", help="with --quantize: weights per scale (multiple of 32)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine scores together")
     p.set_defaults(run=run)
     return p
@@ -60,7 +62,8 @@ def _backends(args):
     from ..defaults import DEFAULT_MODEL_NAME
 
     for i, path in enumerate(args.model or [None]):
-        model = mistral7b.load(path, dtype=DTYPES[args.dtype], device=args.device)
+        model = mistral7b.load(path, dtype=DTYPES[args.dtype], device=args.device,
+                               quantize=args.quantize, group_size=args.group_size)
         label = Path(path).name if path else DEFAULT_MODEL_NAME
         if args.model and args.model.index(path) != i:  # the same checkpoint twice: keep both columns
             label += f" ({i + 1})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -15,8 +16,11 @@ from ..model import Transformer
 from . import gguf, hf, reference
 from .common import build_model
 
+if TYPE_CHECKING:
+    from ..parallel import Shard
+
 FORMATS = ("reference", "hf")  # formats we write; we read these and GGUF
-# Each reader module offers read_args(path), weight_files(path) and read_tensors(path, args).
+# Each reader module offers read_args(path), weight_files(path) and read_tensors(path, args, part_of=None).
 _READERS = {"reference": reference, "hf": hf, "gguf": gguf}
 
 
@@ -44,23 +48,35 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def load(path: str | os.PathLike | None, *, dtype: torch.dtype | str | None = None,
-         device: torch.device | str | None = None, progress: bool | None = None) -> Transformer:
+         device: torch.device | str | None = None, progress: bool | None = None,
+         quantize: str | None = None, group_size: int | None = None, shard: Shard | None = None) -> Transformer:
     """Load a checkpoint of any supported format; path None: the default model (SmolLM2-135M-Instruct).
     dtype: keep the file's when None (GGUF: fp32, dequantized).
+    quantize: "int8" or "int4" stores the linear layers' weights quantized (see `mistral7b.quant`;
+    group_size: int8 defaults to one scale per output channel, int4 to groups of 32).
 
     Tensors are read one at a time (memory-mapped) into a model created on the meta device, so
     peak memory is about one copy of the weights. `progress` shows a bar (default: files > 1 GB).
+    `shard`: build one tensor-parallel rank's part of the model, reading only its slice of each tensor.
     """
+    from ..quant import check_quantize_args, quantize as quantize_model
+
+    check_quantize_args(quantize, group_size)
     path = default_model_path() if path is None else Path(path)
     fmt = detect_format(path)
     module = _READERS[fmt]
-    args = module.read_args(path)
+    full_args = module.read_args(path)
+    args = shard.local_args(full_args) if shard else full_args
     files = module.weight_files(path)
-    tensors = module.read_tensors(path, args)
+    packed = {"packed": True} if quantize and fmt == "gguf" else {}  # Q8_0/Q4_x blocks stay as they are
+    tensors = module.read_tensors(path, args, shard.part_of if shard else None, **packed)
     total = sum(f.stat().st_size for f in files)
     show = progress if progress is not None else total > 2**30
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not show) as bar:
-        return build_model(args, tensors, source=path, dtype=_parse_dtype(dtype), device=device, progress=bar.update)
+        model = build_model(args, tensors, source=path, dtype=_parse_dtype(dtype), device=device, progress=bar.update)
+    if shard:
+        model = shard.parallelize(model, full_args)
+    return quantize_model(model, quantize, group_size) if quantize else model
 
 
 def save(model: Transformer, path: str | os.PathLike, format: str = "reference") -> None:

@@ -12,10 +12,24 @@ from safetensors import SafetensorError, safe_open
 from ..args import ModelArgs
 from ..errors import CheckpointError
 from ..model import Transformer
+from ..quant import PackedWeight
 
 # (name in our model, tensor) pairs; each loader yields them lazily so only one tensor is
 # materialised at a time beside the model being filled.
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
+# The part of a tensor to read, (dim, start, stop), or None for all of it: readers call a
+# `PartOf(our tensor name, full shape)` before reading each tensor, so that a tensor-parallel rank
+# reads only its slice of the file (see mistral7b.parallel).
+Part = tuple[int, int, int] | None
+PartOf = Callable[[str, tuple[int, ...]], Part]
+
+
+def take(tensor, part: Part) -> torch.Tensor:
+    """`part` of a tensor or of a lazy safetensors slice (which reads only those bytes)."""
+    if part is None:
+        return tensor[:]
+    dim, start, stop = part
+    return tensor[(slice(None),) * dim + (slice(start, stop),)].contiguous()
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -25,13 +39,18 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             if not (args.tied_embeddings and name == "output.weight")}
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(name, tensor, file) from safetensors files, one tensor at a time (memory-mapped)."""
+def iter_safetensors(files: Iterable[Path], part_of: PartOf | None = None) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) from safetensors files, one tensor at a time (memory-mapped);
+    with `part_of` (called with the file's tensor names), only that part of each tensor."""
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name), file
+                    if part_of is None:
+                        yield name, f.get_tensor(name), file
+                    else:
+                        lazy = f.get_slice(name)
+                        yield name, take(lazy, part_of(name, tuple(lazy.get_shape()))), file
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
         except OSError as e:
@@ -46,7 +65,10 @@ def build_model(args: ModelArgs, tensors: NamedTensors, *, source: Path, dtype: 
     with torch.device("meta"):
         model = Transformer(args)
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedWeight] = {}  # quantized layers read as they are (GGUF blocks)
     for name, tensor in tensors:
+        if isinstance(tensor, PackedWeight) and name == "output.weight":
+            shapes.setdefault(name, (args.vocab_size, args.dim))  # a tied embedding's packed twin
         if name not in shapes:
             if args.tied_embeddings and name == "output.weight":
                 continue
@@ -54,13 +76,18 @@ def build_model(args: ModelArgs, tensors: NamedTensors, *, source: Path, dtype: 
         if tuple(tensor.shape) != shapes[name]:
             raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, "
                                   f"but the config implies {shapes[name]}")
-        if name in state:
+        if name in state or name in packed:
             raise CheckpointError(f"{source}: tensor '{name}' appears twice")
+        if isinstance(tensor, PackedWeight):
+            packed[name] = tensor
+            if progress:
+                progress(tensor.nbytes)
+            continue
         target_dtype = dtype or (tensor.dtype if tensor.is_floating_point() else torch.float32)
         state[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
         if progress:
             progress(tensor.numel() * tensor.element_size())
-    missing = sorted(set(shapes) - set(state))
+    missing = sorted(set(shapes) - set(state) - set(packed))
     if missing:
         shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{source}: missing tensor(s) {shown}")
@@ -69,6 +96,8 @@ def build_model(args: ModelArgs, tensors: NamedTensors, *, source: Path, dtype: 
         widest = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
         state = {k: v.to(widest) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if args.tied_embeddings:
+    for name, weight in packed.items():
+        model.set_submodule(name.removesuffix(".weight"), weight.layer(device or "cpu"))
+    if args.tied_embeddings and "output.weight" not in packed:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()

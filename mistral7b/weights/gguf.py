@@ -19,10 +19,11 @@ import torch
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, ConfigError
-from .common import NamedTensors
+from .common import NamedTensors, PartOf
 
 if TYPE_CHECKING:
     from ..gguf_file import GGUFFile
+    from ..quant import PackedWeight
 
 _ARCHITECTURES = {"llama"}  # llama.cpp has no "mistral" architecture: Mistral 7B GGUFs say "llama"
 # The types (ggml type names) tests/test_gguf.py checks bit for bit against ggml's own dequantizer.
@@ -34,6 +35,8 @@ _LAYER_NAMES = {
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
 }
 _MISSING = object()
+_EMBEDDING = "tok_embeddings.weight"
+_LINEAR_SUFFIXES = tuple(f"{n}.weight" for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")) + ("output.weight",)
 
 
 def is_gguf(path: Path) -> bool:
@@ -113,8 +116,21 @@ def _our_name(name: str) -> str | None:
     return None
 
 
-def read_tensors(path: Path, args: ModelArgs) -> NamedTensors:
-    """(our name, fp32 tensor) for each tensor of the file, dequantized one at a time from the map."""
+def _packed(file: GGUFFile, tensor, part) -> PackedWeight | None:
+    """The tensor's Q8_0/Q4_x blocks as an int8/int4 layer's tensors, or None (another type)."""
+    from ..quant import PackedWeight
+    from .gguf_quant import PACKED_MODES, pack
+
+    blocks = file.blocks(tensor, part) if tensor.type in PACKED_MODES else None
+    return None if blocks is None else PackedWeight(*pack(blocks[0].reshape(-1, blocks[0].shape[-1]), tensor.type))
+
+
+def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None, *, packed: bool = False) -> NamedTensors:
+    """(our name, fp32 tensor) for each tensor of the file, dequantized one at a time from the map
+    (with `part_of`: only that part, see GGUFFile.dequantize).
+
+    packed: the linear layers' Q8_0/Q4_x weights come as `PackedWeight`s instead (their blocks as
+    they are: no fp32 copy); a tied embedding also yields its packed copy as "output.weight"."""
     file = open_file(path)
     for tensor in file.tensors.values():
         name = _our_name(tensor.name)
@@ -124,8 +140,14 @@ def read_tensors(path: Path, args: ModelArgs) -> NamedTensors:
         if kind not in _SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor '{tensor.name}' has type {kind}, which mistral7b cannot read "
                                   f"(supported: {', '.join(_SUPPORTED_TYPES)})")
+        if packed and name.endswith(_LINEAR_SUFFIXES) or (packed and args.tied_embeddings and name == _EMBEDDING):
+            target = "output.weight" if name == _EMBEDDING else name
+            if (weight := _packed(file, tensor, part_of and part_of(target, tensor.shape))) is not None:
+                yield target, weight
+                if name != _EMBEDDING:
+                    continue
         try:
-            values = file.dequantize(tensor)
+            values = file.dequantize(tensor, part_of and part_of(name, tensor.shape))
         except (ValueError, NotImplementedError) as e:
             raise CheckpointError(f"{path}: tensor '{tensor.name}' ({kind}) cannot be dequantized ({e})") from None
         # F32 data is a read-only view of the memory-mapped file: copy it; dequantized data is fresh.

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from ..args import ModelArgs, read_json_object
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from .common import NamedTensors, iter_safetensors
+from .common import NamedTensors, PartOf, iter_safetensors
 
 _SUPPORTED_TYPES = {"mistral", "llama"}
 
@@ -136,8 +136,11 @@ def weight_files(path: Path) -> list[Path]:
                           "(.bin checkpoints are not supported; convert them to safetensors)")
 
 
-def read_tensors(path: Path, args: ModelArgs) -> NamedTensors:
-    for hf_name, tensor, file in iter_safetensors(weight_files(path)):
+def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None) -> NamedTensors:
+    """With `part_of`, `args` are the shard's: q/k rows are permuted per head, so slices of whole
+    heads permute with the shard's head counts."""
+    hf_part_of = part_of and (lambda hf_name, shape: part_of(from_hf_name(hf_name) or hf_name, shape))
+    for hf_name, tensor, file in iter_safetensors(weight_files(path), hf_part_of):
         if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved
             continue
         name = from_hf_name(hf_name)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from ..args import ModelArgs
 from ..errors import CheckpointError
 from ..model import Transformer
-from .common import NamedTensors, iter_safetensors
+from .common import NamedTensors, PartOf, iter_safetensors, take
 
 
 def is_reference(path: Path) -> bool:
@@ -37,17 +37,18 @@ def read_args(path: Path) -> ModelArgs:
     return ModelArgs.from_file(path / "params.json")
 
 
-def read_tensors(path: Path, args: ModelArgs) -> NamedTensors:
+def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None) -> NamedTensors:
     files = weight_files(path)
     if files[0].suffix == ".safetensors":
-        for name, tensor, _ in iter_safetensors(files):
+        for name, tensor, _ in iter_safetensors(files, part_of):
             yield name, tensor
         return
     try:  # mmap: a 7B .pth is not read into memory in one piece
         state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
         raise CheckpointError(f"{files[0]}: not a readable PyTorch checkpoint ({e}); it may be truncated") from None
-    yield from state.items()
+    for name, tensor in state.items():
+        yield name, tensor if part_of is None else take(tensor, part_of(name, tuple(tensor.shape)))
 
 
 def save(model: Transformer, path: Path) -> None:

@@ -1,0 +1,71 @@
+"""GGUF's quantized blocks as our int8/int4 layers, without a trip through fp32.
+
+Our int4 layout is GGUF's Q4_0/Q4_1 block packing (per 32 weights: byte j holds weight j in its low
+nibble and weight j+16 in its high one) with w = q * scale + min, so:
+
+* Q8_0 (per 32: f16 d, 32 x int8)            -> int8, group 32: scale d
+* Q4_0 (per 32: f16 d, 16 bytes)             -> int4: scale d, min -8 d
+* Q4_1 (per 32: f16 d, f16 m, 16 bytes)      -> int4: scale d, min m
+* Q4_K (per 256: f16 d, f16 dmin, 12 bytes of 6-bit sub-scales/mins, 128 bytes) -> int4, group 32:
+  scale d * sc, min -dmin * m; its nibbles are ordered per 64 weights (low nibbles: the first 32,
+  high: the next 32) and are re-paired into our order.
+
+All four are exact: the layer computes the weights ggml's dequantizer gives (tests/test_quant.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+PACKED_MODES = {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q4_K: "int4"}
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The f16 at byte `start` of each block [..., block_bytes] -> float32 [...]."""
+    return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _k4_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes [..., 12] -> 8 six-bit scales and 8 six-bit mins [..., 8] each."""
+    q = packed.astype(np.uint8)
+    low = q[..., 0:4] & 63, q[..., 4:8] & 63  # sub-blocks 0-3: plain 6-bit values
+    high_sc = (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)  # sub-blocks 4-7: 4 bits + 2 top bits
+    high_m = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return np.concatenate([low[0], high_sc], -1), np.concatenate([low[1], high_m], -1)
+
+
+def _repack_k4(qs: np.ndarray) -> np.ndarray:
+    """Q4_K nibbles [..., 128] (per 64 weights: 32 bytes, low nibbles first 32 weights) -> our
+    Q4 block packing [..., 128] (per 32 weights: 16 bytes, byte j = w[j] | w[j + 16] << 4)."""
+    chunks = qs.reshape(*qs.shape[:-1], 4, 2, 16)  # [..., chunk, half of 32 bytes, 16]
+    first, second = chunks[..., 0, :], chunks[..., 1, :]  # bytes j and j + 16 of the chunk
+    low = (first & 0x0F) | ((second & 0x0F) << 4)  # sub-block 2c
+    high = (first >> 4) | (second & 0xF0)  # sub-block 2c + 1
+    return np.stack([low, high], -2).reshape(qs.shape)
+
+
+def pack(data: np.ndarray, kind: Q) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """Raw GGUF rows uint8 [N, bytes per row] of type `kind` -> (mode, tensors of that layer type):
+    int8: (qweight int8 [N, K], scales [N, K/32]); int4: (qweight uint8 [N, K/2], scales, mins)."""
+    n = data.shape[0]
+    if kind == Q.Q8_0:
+        blocks = data.reshape(n, -1, 34)
+        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)
+        return "int8", (torch.from_numpy(q), torch.from_numpy(_f16(blocks, 0)))
+    if kind in (Q.Q4_0, Q.Q4_1):
+        blocks = data.reshape(n, -1, 18 if kind == Q.Q4_0 else 20)
+        d = _f16(blocks, 0)
+        m = -8 * d if kind == Q.Q4_0 else _f16(blocks, 2)
+        q = np.ascontiguousarray(blocks[..., -16:]).reshape(n, -1)
+        return "int4", (torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+    if kind == Q.Q4_K:
+        blocks = data.reshape(n, -1, 144)
+        sc, mn = _k4_scales_mins(blocks[..., 4:16])  # [n, superblocks, 8]
+        scales = _f16(blocks, 0)[..., None] * sc
+        mins = -_f16(blocks, 2)[..., None] * mn
+        q = _repack_k4(blocks[..., 16:]).reshape(n, -1)
+        return "int4", tuple(torch.from_numpy(np.ascontiguousarray(t)) for t in
+                             (q, scales.reshape(n, -1), mins.reshape(n, -1)))
+    raise ValueError(f"GGUF type {kind.name} has no packed int8/int4 form")
