@@ -28,6 +28,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                  "folded into its weights at load")
 
 
+def _tp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel: split the model over N processes started by torchrun, one per GPU or "
+                        "per machine (torchrun --nproc-per-node N -m mistral7b ... --tp N); rank 0 does the I/O")
+
+
 def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
@@ -62,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the text, print the generated token ids as one comma-separated line")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to text prompts (for models whose tokenizer adds one)")
     _model_flags(p)
+    _tp_flag(p)
     _sampling_flags(p, max_tokens=256)
     p.set_defaults(run=_run_generate)
 
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, metavar="N",
                    help="KV cache length for models without sliding window (default: the model's context)")
     _model_flags(p)
+    _tp_flag(p)
     _sampling_flags(p, max_tokens=512)
     p.set_defaults(run=_run_chat)
 
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most requests waiting for a slot; past it the server answers 503 (default: 1024)")
     p.add_argument("--chunk-size", type=int, help="pre-fill chunk per sequence (default: the sliding window)")
     _model_flags(p)
+    _tp_flag(p)
     p.set_defaults(run=_run_serve)
 
     p = sub.add_parser("convert", help="convert a checkpoint between formats",
@@ -196,13 +205,10 @@ def _device(name: str):
 
 
 def _load(args, need_tokenizer: bool = True):
-    from . import load, load_tokenizer
+    from . import load_tokenizer
+    from .parallel import load_everywhere
 
-    model = load(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
-    if args.lora:
-        from .lora import load_adapter
-
-        model = load_adapter(model, args.lora, merge=True)
+    model = load_everywhere(lambda: _load_model(args))  # with --tp: each process loads its part
     try:
         tokenizer = load_tokenizer(args.model)
     except Mistral7BError:
@@ -210,6 +216,22 @@ def _load(args, need_tokenizer: bool = True):
             raise
         tokenizer = None
     return model, tokenizer
+
+
+def _load_model(args):
+    """The model the flags describe; with --tp, this process's part (every process runs this)."""
+    from . import load
+    from .parallel import shard
+
+    if args.lora and shard():
+        raise InputError("--lora with --tp: fold the adapter in first (mistral7b merge --lora DIR --out MERGED) "
+                         "and run --model MERGED")
+    model = load(args.model, dtype=_dtype(args.dtype), device=_device(args.device), shard=shard())
+    if args.lora:
+        from .lora import load_adapter
+
+        model = load_adapter(model, args.lora, merge=True)
+    return model
 
 
 def _params(args) -> SamplingParams:
@@ -393,14 +415,23 @@ def _run_info(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .parallel import follow, is_rank0, launch
+
     args = build_parser().parse_args(argv)
+    tp = getattr(args, "tp", None)  # commands that can split the model over torchrun's processes
     try:
-        args.run(args)
+        with launch(tp, _device(args.device) if tp else "cpu") as leads:
+            if leads:
+                args.run(args)
+            else:  # torchrun's other ranks: mirror rank 0's model calls on their part of the model
+                follow(lambda: _load_model(args))
     except Mistral7BError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if tp is None or is_rank0():  # one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if tp is None or is_rank0():
+            print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

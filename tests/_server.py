@@ -15,10 +15,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
-    """-> (process, base URL), once /health answers."""
+def start_server(*flags: str, command: tuple[str, ...] = (sys.executable, "-m", "mistral7b")) -> tuple[subprocess.Popen, str]:
+    """-> (process, base URL), once /health answers. `command` runs mistral7b (e.g. under torchrun)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "serve", "--port", str(port), *flags],
+    proc = subprocess.Popen([*command, "serve", "--port", str(port), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
