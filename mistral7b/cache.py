@@ -32,12 +32,14 @@ class StepPlan:
     pad_index: torch.Tensor | None  # [T] index of each token in the flattened [B*L] layout; None: no padding
     batch: int  # B
     length: int  # L = max(seqlens)
-    mask: torch.Tensor | None  # [B, 1, L, K] bool, K = cached slots + L; None: plain causal
+    mask: torch.Tensor | None  # [B, 1, L, K] bool, K = cached slots + L; None: causal (or `window`)
+    window: int | None = None  # no cache and a row longer than W: the causal W-key band (attention.py)
     rows: slice | torch.Tensor | None = None  # cache rows of the B sequences
     used_slots: int = 0  # slots [0, used_slots) hold every cached key of these rows
     write_src: torch.Tensor | None = None  # [N] packed token indices whose K/V are cached
     write_dst: torch.Tensor | None = None  # [N] flat slot indices in [max_seqs * S]
     new_slot_pos: torch.Tensor | None = None  # [N] positions written to those slots
+    decode: bool = False  # one new token per sequence: written first, then attended in place
 
 
 def _attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_valid: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -63,17 +65,18 @@ def _padded_layout(seqlens: list[int], starts: torch.Tensor, device: torch.devic
 
 
 def plan_without_cache(seqlens: list[int], window: int | None, device: torch.device) -> StepPlan:
-    """Independent sequences starting at position 0 (training, scoring)."""
+    """Independent sequences starting at position 0 (training, scoring, one-shot prefill).
+
+    Each padded row holds its tokens at positions 0..n-1, so a key's index is its position and no
+    mask is needed: plain causal attention, or the W-key band once a row is longer than W. Padding
+    sits at the end of a row, after every real query, so causality already hides it.
+    """
     _check_seqlens(seqlens)
     starts = torch.zeros(len(seqlens), dtype=torch.long, device=device)
     q_pos, q_valid, pad_index = _padded_layout(seqlens, starts, device)
-    positions = q_pos[q_valid]
-    long_enough = window is not None and max(seqlens) > window
-    mask = None
-    if len(seqlens) > 1 or long_enough:
-        k_pos = torch.where(q_valid, q_pos, -1)
-        mask = _attention_mask(q_pos, k_pos, q_valid, window)
-    return StepPlan(positions=positions, pad_index=pad_index, batch=len(seqlens), length=max(seqlens), mask=mask)
+    banded = window is not None and max(seqlens) > window
+    return StepPlan(positions=q_pos[q_valid], pad_index=pad_index, batch=len(seqlens), length=max(seqlens),
+                    mask=None, window=window if banded else None)
 
 
 def _check_seqlens(seqlens: list[int]) -> None:
@@ -136,11 +139,12 @@ class KVCache:
             if not self.rolling and start + n > self.slots:
                 raise InputError(f"sequence in cache row {r} would reach {start + n} tokens, "
                                  f"more than the cache holds ({self.slots})")
-        starts = torch.tensor(starts_list, device=device)
-        q_pos, q_valid, pad_index = _padded_layout(seqlens, starts, device)
-
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         row_index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=device)
+        if all(n == 1 for n in seqlens):
+            return self._decode_plan(rows, row_index, starts_list)
+        starts = torch.tensor(starts_list, device=device)
+        q_pos, q_valid, pad_index = _padded_layout(seqlens, starts, device)
         # Slots fill from 0 up; until a row wraps, attention only needs the filled prefix.
         used = max(min(start, self.slots) for start in starts_list)
         k_pos = torch.cat([self.slot_pos[row_index, :used], torch.where(q_valid, q_pos, -1)], dim=1)
@@ -158,6 +162,32 @@ class KVCache:
         return StepPlan(positions=positions, pad_index=pad_index, batch=len(seqlens), length=max(seqlens),
                         mask=mask, rows=row_index, used_slots=used, write_src=write_src, write_dst=write_dst,
                         new_slot_pos=new_pos)
+
+    def _decode_plan(self, rows: list[int], row_index: slice | torch.Tensor, starts: list[int]) -> StepPlan:
+        """One token per sequence (batched decode): each token's K/V go straight into its slot
+        (p % S overwrites position p - S, which the window no longer shows) and attention reads
+        the rows' first `used` slots in place, with no copy of the cache."""
+        device = self.device
+        positions = torch.tensor(starts, device=device)  # [B]
+        dst = torch.tensor([r * self.slots + p % self.slots for r, p in zip(rows, starts)], device=device)
+        used = max(min(p + 1, self.slots) for p in starts)
+        k_pos = self.slot_pos[row_index, :used].clone()  # [B, used], as it will be after the write
+        k_pos.scatter_(1, (positions % self.slots)[:, None], positions[:, None])
+        q = positions[:, None]
+        valid = (k_pos >= 0) & (k_pos <= q)
+        if self.window is not None:
+            valid &= (q - k_pos) < self.window
+        mask = None if bool(valid.all()) else valid[:, None, None, :]  # [B, 1, 1, used]
+        return StepPlan(positions=positions, pad_index=None, batch=len(rows), length=1, mask=mask, rows=row_index,
+                        used_slots=used, write_src=None, write_dst=dst, new_slot_pos=positions, decode=True)
+
+    def append_and_read(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor):
+        """Decode: store k, v [B, n_kv_heads, head_dim] in their slots, then return the rows'
+        keys and values [B, n_kv_heads, used_slots, head_dim] (views of the cache when rows are contiguous)."""
+        self.k[layer].view(-1, *self.k.shape[-2:]).index_copy_(0, plan.write_dst, k.to(self.k.dtype))
+        self.v[layer].view(-1, *self.v.shape[-2:]).index_copy_(0, plan.write_dst, v.to(self.v.dtype))
+        keys = self.k[layer, plan.rows, :plan.used_slots].transpose(1, 2)
+        return keys, self.v[layer, plan.rows, :plan.used_slots].transpose(1, 2)
 
     def keys_values(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached K and V of the plan's sequences: [B, used_slots, n_kv_heads, head_dim] each."""
