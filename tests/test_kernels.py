@@ -116,6 +116,19 @@ def test_leading_dims_and_fp16_activations():
 
 
 @needs_native
+def test_prefill_path_tiles_rows(monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 16 * 576)  # 16 rows a tile: 40 rows make 3 tiles
+    w = weight(40, 576)
+    x = torch.randn(2, 20, 576)
+    q4, s4, m4 = kernels.quantize_int4(w)
+    q8, s8 = kernels.quantize_int8(w)
+    y4, y8 = kernels.int4_linear(x, q4, s4, m4), kernels.int8_linear(x, q8, s8)
+    assert y4.shape == y8.shape == (2, 20, 40) and y4.is_contiguous()
+    torch.testing.assert_close(y4, F.linear(x, formats.dequantize_int4(q4, s4, m4)))
+    torch.testing.assert_close(y8, F.linear(x, formats.dequantize_int8(q8, s8)))
+
+
+@needs_native
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("k", [576, 100])
@@ -126,7 +139,7 @@ def test_float_linear_matches_f_linear(k, rows, wdtype):
 
 
 def test_fallback_is_the_reference(monkeypatch):
-    monkeypatch.setenv("MISTRAL7B_NATIVE", "0")
+    monkeypatch.setattr(native, "ENABLED", False)
     assert not kernels.native_available()
     w = weight(32, 576)
     x = torch.randn(3, 576)

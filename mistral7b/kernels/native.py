@@ -3,7 +3,7 @@
 The build goes to torch's extensions cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR),
 which persists across processes: only the first process after a change to kernels.cpp compiles.
 No compiler, a CPU without AVX2, or a failed build warn once and leave the pure-torch path in use.
-`MISTRAL7B_NATIVE=0` forces that path (read on every call, so tests can flip it).
+`MISTRAL7B_NATIVE=0` forces that path.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 
+# False forces the pure-torch path (MISTRAL7B_NATIVE=0 at import; tests set it directly).
+ENABLED = os.environ.get("MISTRAL7B_NATIVE", "1") != "0"
+
+
 def native_available() -> bool:
-    """True when the native ops are built, the CPU has AVX2 and MISTRAL7B_NATIVE is not 0."""
-    return os.environ.get("MISTRAL7B_NATIVE", "1") != "0" and _load()
+    """True when native ops are enabled and built (the CPU has AVX2 and the build succeeded)."""
+    return ENABLED and _load()
 
 
 _built: list[bool] = []  # the build's outcome, once known
