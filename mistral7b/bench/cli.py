@@ -19,7 +19,6 @@ from pathlib import Path
 
 from ..errors import InputError
 from .report import add_bandwidth, add_ratios, ratio_table, speed_table
-from .worker import measure_bandwidth
 
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTS = ("int8", "int4")
@@ -176,6 +175,7 @@ def run(args) -> None:
 
     from ..defaults import default_model_path
     from ..weights import _READERS, detect_format
+    from .measure import measure_bandwidth
 
     _check_counts(args)
     configs, peers = parse_configs(args.configs), parse_peers(args.peers)

@@ -60,7 +60,7 @@ def speed_table(rows: list[dict], batch: int, bandwidth_gb_s: float) -> str:
                       _num(r.get("decode_bn_tok_s"), ".1f"), _num(r["peak_rss_mib"], ".0f"),
                       _num(r["weight_bytes"] / 2**20, ".1f"), _num(r.get("gb_s"), ".2f"),
                       _num(r.get("bandwidth_pct"), ".0f"), _num(r.get("bandwidth_limit_tok_s"), ".0f"),
-                      r.get("note", "")])
+                      ""])
     return render(headers, lines, text_columns=2)
 
 
