@@ -20,21 +20,18 @@ class Skipped(Exception):
     """This engine cannot run here (not installed, cannot read the file): a row, not a crash."""
 
 
-def measure(run_pass: Pass, prompts: list[list[int]], decode_tokens: int, repeat: int,
-            batched: bool = True) -> dict:
-    """Warm up, then time `repeat` passes at batch 1 and (if `batched`) batch len(prompts); medians."""
-    batches = [prompts[:1], prompts] if batched else [prompts[:1]]
-    for batch in batches:
+def measure(run_pass: Pass, prompts: list[list[int]], decode_tokens: int, repeat: int) -> dict:
+    """Warm up, then time `repeat` passes at batch 1 and batch len(prompts); medians."""
+    for batch in (prompts[:1], prompts):
         run_pass(batch, 2)
     runs: dict[str, list[float]] = {"prefill_tok_s": [], "decode_b1_tok_s": [], "decode_bn_tok_s": []}
     for _ in range(repeat):
         first, decode = run_pass(prompts[:1], decode_tokens)
         runs["prefill_tok_s"].append(len(prompts[0]) / first)
         runs["decode_b1_tok_s"].append(decode_tokens / decode)
-        if batched:
-            _, decode = run_pass(prompts, decode_tokens)
-            runs["decode_bn_tok_s"].append(len(prompts) * decode_tokens / decode)
-    return {k: statistics.median(v) if v else None for k, v in runs.items()}
+        _, decode = run_pass(prompts, decode_tokens)
+        runs["decode_bn_tok_s"].append(len(prompts) * decode_tokens / decode)
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def weight_bytes(model, embedding) -> tuple[int, int]:

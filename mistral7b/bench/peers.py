@@ -54,8 +54,8 @@ def run_transformers(spec: dict) -> dict:
 
 
 def _gguf_weights(path: Path) -> dict:
-    """A GGUF file's weights as llama.cpp runs them: their commonest type, bytes, and the bytes one
-    decoded token reads (as weight_bytes counts them)."""
+    """A GGUF file's weights as llama.cpp runs them: the type holding most bytes, the bytes, and the
+    bytes one decoded token reads (as weight_bytes counts them)."""
     from collections import Counter
 
     from mistral7b.weights.gguf import open_file
@@ -64,7 +64,9 @@ def _gguf_weights(path: Path) -> dict:
     table = tensors["token_embd.weight"]
     total = sum(t.nbytes for t in tensors.values())
     tied = "output.weight" not in tensors  # llama.cpp then projects with the embedding table
-    types = Counter(t.type.name for t in tensors.values())
+    types = Counter()
+    for t in tensors.values():
+        types[t.type.name] += t.nbytes
     return {"config": types.most_common(1)[0][0], "weight_bytes": total,
             "weight_bytes_per_token": total - (0 if tied else table.nbytes) + table.nbytes // table.shape[0]}
 
