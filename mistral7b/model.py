@@ -11,9 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .args import ModelArgs
 from .attention import attend
 from .cache import KVCache, StepPlan, plan_without_cache
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose few-row products (decode) use mistral7b.kernels' GEMV: at batch 1
+    a BLAS call's fixed cost is most of the time of a small matrix."""
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.float_linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -72,9 +84,9 @@ class FusedProjection:
         if all(hasattr(p, "concat") and type(p) is type(parts[0]) for p in parts):  # quant.QuantLinear
             self.linear = type(parts[0]).concat(parts)
             bind = lambda part, a, b: part.view_rows_of(self.linear, a, b)
-        elif all(type(p) is nn.Linear and p.bias is None for p in parts):
+        elif all(isinstance(p, nn.Linear) and p.bias is None for p in parts):
             weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
-            self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            self.linear = Linear(weight.shape[1], weight.shape[0], device="meta")
             self.linear.weight = nn.Parameter(weight, requires_grad=False)
             bind = lambda part, a, b: setattr(part, "weight", nn.Parameter(weight[a:b], part.weight.requires_grad))
         else:
@@ -103,10 +115,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.fused_qkv: FusedProjection | None = None
 
     def fuse(self) -> None:
@@ -146,9 +158,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w1 = Linear(args.dim, args.hidden_dim)  # gate
+        self.w2 = Linear(args.hidden_dim, args.dim)  # down
+        self.w3 = Linear(args.dim, args.hidden_dim)  # up
         self.fused_gate_up: FusedProjection | None = None
 
     def fuse(self) -> None:
@@ -184,7 +196,7 @@ class Transformer(nn.Module):
             nn.init.normal_(self.tok_embeddings.weight)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
