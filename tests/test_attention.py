@@ -1,0 +1,75 @@
+"""Sliding-window attention by query blocks: equal to dense masked attention, and the model to transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral7b import attention
+from mistral7b.cache import plan_without_cache
+from test_model_parity import TOL, hf_logits, random_ids
+
+
+def dense_window_attention(q, k, v, window):
+    """The reference: one [L, L] mask with the window rule i - W < j <= i."""
+    i = torch.arange(q.shape[2])
+    mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def qkv(batch, length, seed, heads=4, kv_heads=2, head_dim=8):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, length, head_dim)] + [(batch, kv_heads, length, head_dim)] * 2
+    return [torch.randn(s, generator=g, requires_grad=True) for s in shapes]
+
+
+@pytest.mark.parametrize("window", [4, 5, 8])
+@pytest.mark.parametrize("block", [1, 3, 4, 8, None])  # None: the default
+@pytest.mark.parametrize("length", ["W", "W+1", "3W", "5W+2"])
+def test_blocks_equal_dense_mask(window, block, length):
+    n = {"W": window, "W+1": window + 1, "3W": 3 * window, "5W+2": 5 * window + 2}[length]
+    q, k, v = qkv(2, n, seed=n * 10 + window)
+    got = attention.sliding_window_attention(q, k, v, window, block)
+    expected = dense_window_attention(q, k, v, window)
+    assert (got - expected).abs().max().item() <= 1e-5
+    # Training runs backward through the blocks: gradients match too.
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for g, e in zip(grads, expected_grads):
+        assert (g - e).abs().max().item() <= 1e-5
+
+
+def test_window_edge_at_block_boundaries():
+    """One-hot values: the output of query i is exactly the share of each key, so the set of keys it
+    sees is visible; it must be i-W+1..i at every block edge."""
+    window, block, length = 4, 3, 20
+    q = torch.zeros(1, 1, length, 2)  # equal scores: uniform weights over the visible keys
+    k = torch.zeros(1, 1, length, 2)
+    v = torch.eye(length)[None, None]  # [1, 1, L, L]: key j's value is e_j
+    out = attention.sliding_window_attention(q, k, v, window, block)[0, 0]
+    for i in range(length):
+        seen = torch.nonzero(out[i] > 0).squeeze(1).tolist()
+        assert seen == list(range(max(0, i - window + 1), i + 1)), i
+
+
+def test_plan_without_cache_builds_no_dense_mask():
+    plan = plan_without_cache([100_000, 3], 4096, torch.device("cpu"))  # a dense mask would be 20 GB
+    assert plan.mask is None and plan.window == 4096
+    assert plan_without_cache([4096, 3], 4096, torch.device("cpu")).window is None  # no row past W: causal
+    assert plan_without_cache([100_000], None, torch.device("cpu")).window is None
+
+
+@pytest.mark.parametrize("block", [3, 7, None])
+@torch.no_grad()
+def test_model_equals_transformers_over_five_windows(tiny_pair, block, monkeypatch):
+    """Packed rows of different lengths (5 windows, padding at the ends of shorter rows) against
+    transformers one sequence at a time, with block sizes that do and do not divide the rows."""
+    hf, ours, w = tiny_pair
+    if block is not None:
+        monkeypatch.setattr(attention, "default_block", lambda window: block)
+    lengths = [5 * w, 5 * w - 2, 2, w + 1]
+    seqs = [random_ids(n, ours.args.vocab_size, 200 + n) for n in lengths]
+    packed = ours(torch.cat(seqs), lengths)
+    for seq, got in zip(seqs, packed.split(lengths)):
+        assert (got - hf_logits(hf, seq)).abs().max().item() <= TOL
