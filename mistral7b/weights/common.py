@@ -25,11 +25,11 @@ PartOf = Callable[[str, tuple[int, ...]], Part]
 
 
 def take(tensor, part: Part) -> torch.Tensor:
-    """`part` of a tensor or of a lazy safetensors slice (which reads only those bytes)."""
-    if part is None:
-        return tensor[:]
-    dim, start, stop = part
-    return tensor[(slice(None),) * dim + (slice(start, stop),)].contiguous()
+    """A copy of `part` of a tensor or of a lazy safetensors slice (which reads only those bytes).
+    A copy, not a view of the memory-mapped file: a view would keep the whole map, and every page
+    read to slice the other tensors, resident."""
+    index = (slice(None),) if part is None else (slice(None),) * part[0] + (slice(part[1], part[2]),)
+    return tensor[index].clone(memory_format=torch.contiguous_format)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -49,12 +49,19 @@ def iter_safetensors(files: Iterable[Path], part_of: PartOf | None = None) -> It
                     if part_of is None:
                         yield name, f.get_tensor(name), file
                     else:
-                        lazy = f.get_slice(name)
-                        yield name, take(lazy, part_of(name, tuple(lazy.get_shape()))), file
+                        yield name, _read_part(file, name, part_of), file
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
         except OSError as e:
             raise CheckpointError(f"{file}: cannot be read ({e})") from None
+
+
+def _read_part(file: Path, name: str, part_of: PartOf) -> torch.Tensor:
+    """One tensor's part through a map of its own: closing it drops the pages read for this tensor
+    from resident memory, so a tensor-parallel rank's peak is its part, not the whole file."""
+    with safe_open(str(file), framework="pt") as f:
+        lazy = f.get_slice(name)
+        return take(lazy, part_of(name, tuple(lazy.get_shape())))
 
 
 def build_model(args: ModelArgs, tensors: NamedTensors, *, source: Path, dtype: torch.dtype | None,
