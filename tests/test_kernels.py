@@ -128,6 +128,13 @@ def test_prefill_path_tiles_rows(monkeypatch):
     torch.testing.assert_close(y8, F.linear(x, formats.dequantize_int8(q8, s8)))
 
 
+def test_float64_activations_take_the_pure_torch_path():
+    w = weight(8, 64).double()
+    q, s, m = kernels.quantize_int4(w)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    assert torch.equal(kernels.int4_linear(x, q, s, m), F.linear(x, formats.dequantize_int4(q, s, m, x.dtype)))
+
+
 @needs_native
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 64])

@@ -47,9 +47,13 @@ GEMV_MAX_ROWS = 32
 TILE_ELEMENTS = 1 << 21
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _native(x: Tensor) -> bool:
-    """The native ops serve CPU activations without autograd (gradients come from F.linear)."""
-    return x.is_cpu and native_available() and not (x.requires_grad and torch.is_grad_enabled())
+    """The native ops serve CPU activations of _DTYPES without autograd (gradients come from F.linear)."""
+    return (x.is_cpu and x.dtype in _DTYPES and native_available()
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def _few_rows(x: Tensor) -> bool:
@@ -71,14 +75,14 @@ def _tiled_linear(x: Tensor, n: int, dequantize_rows) -> Tensor:
 
 def dequantize_int8(qweight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """int8 qweight [N, K], scales [N, K // G] -> w [N, K] in dtype."""
-    if qweight.is_cpu and native_available():
+    if qweight.is_cpu and dtype in _DTYPES and native_available():
         return torch.ops.mistral7b.dequantize_int8(qweight, scales, dtype)
     return _dequantize_int8(qweight, scales, dtype)
 
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """uint8 qweight [N, K // 2], scales and mins [N, K // G] -> w [N, K] in dtype."""
-    if qweight.is_cpu and native_available():
+    if qweight.is_cpu and dtype in _DTYPES and native_available():
         return torch.ops.mistral7b.dequantize_int4(qweight, scales, mins, dtype)
     return _dequantize_int4(qweight, scales, mins, dtype)
 

@@ -8,6 +8,7 @@ No compiler, a CPU without AVX2, or a failed build warn once and leave the pure-
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -44,7 +45,10 @@ def _build() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="mistral7b_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        # One build folder per source and flags: processes running different versions (a long-lived
+        # server beside tests of an edit) must not rebuild over each other's library.
+        digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
+        cpp_extension.load(name=f"mistral7b_kernels_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, headers or ninja: any failure means "use the fallback"
         warnings.warn(f"mistral7b.kernels: native build failed, using pure torch: {e}", stacklevel=3)
