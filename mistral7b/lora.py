@@ -61,28 +61,51 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+class _FrozenQuantized(torch.autograd.Function):
+    """y = base(x) for a quantized linear `base` (frozen), differentiable w.r.t. x only. Its backward
+    dequantizes W again: autograd through `F.linear(x, dequantize(W))` would keep a float copy of
+    every layer's weight alive until the backward pass, more memory than a float base."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        return base(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.base.dequantize(grad.dtype), None  # [..., out] @ [out, in]
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + scaling * dropout(x) A^T B^T, with W [out, in] frozen, A [r, in], B [out, r] trainable.
 
     The base weight keeps its name (`weight`), so the block's state-dict names are unchanged beside
     the new `lora_A`/`lora_B`. A starts as Kaiming-uniform noise and B at zero (the delta starts at 0),
     as in the LoRA paper and peft. LoRA factors are fp32 whatever the base dtype.
+
+    The base may also be a quantized linear of `mistral7b.quant` (QLoRA-style training), kept as
+    `base`; such an adapter cannot be merged into it (see `merge`).
     """
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig):
+    def __init__(self, base: nn.Module, config: LoRAConfig):
         super().__init__()
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
+        if isinstance(base, nn.Linear):
+            self.weight = base.weight
+            self.weight.requires_grad_(False)
+            self.base, device = None, base.weight.device
+        elif hasattr(base, "dequantize"):
+            self.base, device = base, base.qweight.device
+        else:
+            raise ConfigError(f"LoRA wraps linear layers, not {type(base).__name__}")
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(config.rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.base is None else _FrozenQuantized.apply(x, self.base)
         if self.merged:
             return y
         delta = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
@@ -94,6 +117,11 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.base is not None:
+            # Re-quantizing W + BA would round the base weights again, and a float result would
+            # undo the quantization: merge into the float model, then quantize it.
+            raise ConfigError("cannot merge a LoRA adapter into quantized weights; load the model "
+                              "without quantization, merge, then quantize")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
             self.merged = True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import mistral7b
+from mistral7b.lora import LoRAConfig, LoRALinear, apply_lora
 from mistral7b.train import TrainConfig, train
 from mistral7b.train import checkpoint
 from mistral7b.train.data import Batches, collate, encode_conversation, read_jsonl
@@ -118,10 +121,17 @@ def test_tiny_model_learns_to_reverse(tiny, tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
 
 
+def _flags(folder, data, out, steps: int, *extra: str) -> list[str]:
+    return ["--model", str(folder), "--data", str(data), "--out", str(out), "--steps", str(steps), "--lr", "3e-3",
+            "--warmup", "3", "--batch-size", "2", "--seq-len", "64", "--seed", "5", *extra]
+
+
 def _lora_flags(folder, data, out, steps: int, *extra: str) -> list[str]:
-    return ["--model", str(folder), "--data", str(data), "--out", str(out), "--lora-rank", "4", "--lora-dropout",
-            "0.1", "--steps", str(steps), "--lr", "3e-3", "--warmup", "3", "--batch-size", "2", "--seq-len", "64",
-            "--seed", "5", *extra]
+    return _flags(folder, data, out, steps, "--lora-rank", "4", "--lora-dropout", "0.1", *extra)
+
+
+def _curve(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_resume_after_kill_gives_the_same_weights(tiny, tmp_path):
@@ -170,12 +180,95 @@ def test_two_process_data_parallel_equals_one_process(tiny, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = finetune(*flags(tmp_path / "two", 1), torchrun=2, env=env)
     assert two.returncode == 0, two.stderr
-    curve = lambda out: [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())  # noqa: E731
-                         if "loss" in r]
-    assert len(curve(tmp_path / "two")) == 6
-    assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=1e-5)
+    assert len(_curve(tmp_path / "two")) == 6
+    assert _curve(tmp_path / "two") == pytest.approx(_curve(tmp_path / "one"), abs=1e-5)
     a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def _rank_bytes(stderr: str) -> list[int]:
+    """Parameter bytes each rank reports holding, in rank order."""
+    found = dict(re.findall(r"rank (\d+)/\d+ holds [^\n]*?\((\d+) bytes, fsdp\)", stderr))
+    return [int(found[r]) for r in sorted(found)]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_two_processes_equal_one_process_and_halve_parameters(tiny, tmp_path, mode):
+    """FSDP over two gloo processes: the loss curve and result of one process with the same global
+    batch, half the parameter bytes per rank, and an exact resume from a sharded run's checkpoint."""
+    folder, data, _ = tiny
+    extra = ["--lora-rank", "4"] if mode == "lora" else ["--full", "--activation-checkpointing"]
+    flags = lambda out, *more: _flags(folder, data, out, 6, *extra, *more)  # noqa: E731
+    one = finetune(*flags(tmp_path / "one", "--grad-accum", "2"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = finetune(*flags(tmp_path / "two", "--parallel", "fsdp", "--save-every", "3"), torchrun=2, env=env)
+    assert two.returncode == 0, two.stderr
+    assert len(_curve(tmp_path / "two")) == 6
+    assert _curve(tmp_path / "two") == pytest.approx(_curve(tmp_path / "one"), abs=1e-5)
+
+    read = (lambda out: load_file(out / "lora.safetensors")) if mode == "lora" else \
+        (lambda out: mistral7b.load(out).state_dict())
+    a, b = read(tmp_path / "one"), read(tmp_path / "two")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    model = mistral7b.load(folder)
+    if mode == "lora":
+        apply_lora(model, LoRAConfig(rank=4))
+    whole = sum(p.nbytes for p in model.parameters())
+    per_rank = _rank_bytes(two.stderr)
+    print(f"{mode}: {whole} parameter bytes in one process, {per_rank} per FSDP rank")
+    assert len(per_rank) == 2 and sum(per_rank) == whole and max(per_rank) < 0.55 * whole, two.stderr
+
+    # Resume the sharded run from its step-3 checkpoint (whole tensors on disk, cut again per rank).
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "two" / "checkpoints", cut / "checkpoints", ignore=shutil.ignore_patterns("step-000006"))
+    shutil.copy(tmp_path / "two" / "metrics.jsonl", cut)
+    resumed = finetune(*flags(cut, "--parallel", "fsdp", "--save-every", "3", "--resume"), torchrun=2, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _curve(cut) == pytest.approx(_curve(tmp_path / "two"), abs=1e-6)
+    c = read(cut)
+    assert max((b[k] - c[k]).abs().max().item() for k in b) < 1e-6
+
+
+def test_lora_on_an_int8_base_keeps_no_float_weight_for_backward():
+    from mistral7b.quant import Int8Linear
+
+    torch.manual_seed(0)
+    base = Int8Linear.from_float(torch.randn(96, 64))
+    layer = LoRALinear(base, LoRAConfig(rank=4))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(20, 64, requires_grad=True)
+    saved = []  # bytes autograd keeps for the backward pass
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        y = layer(x)
+    y.square().sum().backward()
+    w = base.dequantize()  # [96, 64] fp32
+    with torch.no_grad():  # dL/dx = dL/dy @ (W + scaling * B A), dL/dy = 2y
+        assert torch.allclose(y, base(x) + x @ layer.delta().T, atol=1e-4)
+        assert torch.allclose(x.grad, 2 * y @ (w + layer.delta()), rtol=1e-4, atol=1e-3)
+    assert max(saved) < w.nbytes  # the backward dequantizes again rather than keep W
+    with pytest.raises(mistral7b.ConfigError, match="quantized"):
+        layer.merge()
+
+
+def test_lora_on_an_int8_base_trains_like_a_float_base(tiny, tmp_path):
+    folder, data, _ = tiny
+    for name, extra in (("fp32", ()), ("int8", ("--quantize", "int8"))):
+        run = finetune(*_lora_flags(folder, data, tmp_path / name, 20, "--lora-dropout", "0", *extra))
+        assert run.returncode == 0, run.stderr
+    fp32, int8 = _curve(tmp_path / "fp32"), _curve(tmp_path / "int8")
+    print(f"loss after 20 steps: fp32 base {fp32[-1]:.4f}, int8 base {int8[-1]:.4f}")
+    assert int8 == pytest.approx(fp32, rel=0.01) and int8[-1] < 0.9 * int8[0]
+    # The adapter serves the float model; --full cannot train quantized weights.
+    generate = subprocess.run([sys.executable, "-m", "mistral7b", "generate", "--model", str(folder), "--lora",
+                               str(tmp_path / "int8"), "--prompt-ids", "1,3,6", "--max-tokens", "2"],
+                              capture_output=True, text=True)
+    assert generate.returncode == 0, generate.stderr
+    full = finetune(*_flags(folder, data, tmp_path / "full", 1, "--full", "--quantize", "int8"))
+    assert full.returncode == 2 and full.stderr == "error: --quantize needs LoRA: quantized weights are frozen, " \
+        "so --full cannot train them\n"
 
 
 def test_cli_full_finetune_merge_and_lora_flag(tiny, tmp_path):

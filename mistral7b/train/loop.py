@@ -1,5 +1,6 @@
 """The fine-tuning loop: LoRA or full, AdamW with warmup + cosine, gradient clipping and accumulation,
-optional activation checkpointing and bf16 autocast, atomic checkpoints, exact resume, data parallel.
+optional activation checkpointing and bf16 autocast, atomic checkpoints, exact resume, data parallel
+(DDP or FSDP, see distributed.py).
 
 A step consumes `grad_accum * world_size` micro-batches, micro-batch `(step * grad_accum + a) * world + rank`
 going to rank `rank`. Its loss is the summed token cross-entropy over the whole step divided by the
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 from tqdm.auto import tqdm
 
@@ -28,7 +30,8 @@ from ..errors import InputError
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
 from ..weights import _parse_dtype, load, save
-from . import checkpoint
+from ..weights.common import build_model
+from . import checkpoint, distributed
 from .data import Batches, MicroBatch, read_jsonl
 from .outputs import save_tokenizer
 from .report import Metrics, plot
@@ -53,14 +56,16 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end (when eval_data is given)
     seed: int = 0
     dtype: str = "auto"  # weights: auto = bf16 base for LoRA on CUDA, else fp32
+    quantize: str | None = None  # LoRA only: "int8" or "int4" frozen base for the target layers
     autocast: str = "auto"  # bf16 autocast: auto = on where the device supports bf16 (CUDA)
     activation_checkpointing: bool = False
     device: str = "cpu"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded), see distributed.py
     resume: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
     # Settings a resumed run must share with the run it continues.
-    _RUN_KEYS = ("model", "data", "lora", "batch_size", "seq_len", "grad_accum", "seed", "lr", "warmup",
+    _RUN_KEYS = ("model", "data", "lora", "quantize", "batch_size", "seq_len", "grad_accum", "seed", "lr", "warmup",
                  "weight_decay", "steps")
 
     def run_settings(self, world: int) -> dict:
@@ -85,25 +90,7 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         block.forward = lambda *args, _forward=block.forward: _checkpoint(_forward, *args, use_reentrant=False)
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _all_reduce(tensors: list[torch.Tensor], world: int) -> None:
-    """Sum in place over ranks, as one flat buffer (one message instead of one per parameter)."""
-    if world == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
-
-
-def _loss_sum(model: Transformer, mb: MicroBatch, device: torch.device, use_autocast: bool) -> torch.Tensor:
+def _loss_sum(model: nn.Module, mb: MicroBatch, device: torch.device, use_autocast: bool) -> torch.Tensor:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
         # Only target positions go through the vocabulary projection: [N, vocab] fp32.
         logits = model(mb.input_ids.to(device), mb.seqlens, output_rows=mb.positions.to(device))
@@ -111,7 +98,7 @@ def _loss_sum(model: Transformer, mb: MicroBatch, device: torch.device, use_auto
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[MicroBatch], device: torch.device, use_autocast: bool) -> float:
+def evaluate(model: nn.Module, batches: list[MicroBatch], device: torch.device, use_autocast: bool) -> float:
     model.eval()
     total = sum(_loss_sum(model, mb, device, use_autocast).item() for mb in batches)
     model.train()
@@ -122,19 +109,34 @@ def _trainable(model: Transformer) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _prepare_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+def _prepare_model(cfg: TrainConfig, device: torch.device, world: int) -> Transformer:
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bf16" if cfg.lora and device.type == "cuda" else "fp32"
-    model = load(cfg.model, dtype=_parse_dtype(dtype), device=device)
+    # FSDP moves each rank's shards to the device itself: the whole model never has to fit there.
+    fsdp = cfg.parallel == "fsdp" and world > 1
+    model = load(cfg.model, dtype=_parse_dtype(dtype), device="cpu" if fsdp else device)
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
     if cfg.lora:
+        if cfg.quantize:
+            _quantize_targets(model, cfg.lora.targets, cfg.quantize)
         lora.apply_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model.train()
+
+
+def _quantize_targets(model: Transformer, targets: tuple[str, ...], mode: str) -> None:
+    """Store the LoRA target layers' frozen weights quantized (see mistral7b.quant); the embeddings,
+    norms and output projection keep their dtype."""
+    from ..quant import Int4Linear, Int8Linear
+
+    layer = {"int8": Int8Linear, "int4": Int4Linear}[mode]
+    for _, parent, name in lora._target_modules(model, targets):
+        weight = getattr(parent, name).weight
+        setattr(parent, name, layer.from_float(weight.detach()).to(weight.device))
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -145,18 +147,26 @@ def _check_config(cfg: TrainConfig) -> None:
         raise InputError(f"--steps must be positive, got {cfg.steps}")
     if cfg.lr <= 0:
         raise InputError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.quantize not in (None, "int8", "int4"):
+        raise InputError(f"--quantize must be int8 or int4, got {cfg.quantize!r}")
+    if cfg.quantize and not cfg.lora:
+        raise InputError("--quantize needs LoRA: quantized weights are frozen, so --full cannot train them")
+    if cfg.parallel not in distributed.MODES:
+        raise InputError(f"--parallel must be one of {', '.join(distributed.MODES)}, got {cfg.parallel!r}")
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run fine-tuning as `cfg` says; returns the output folder (an adapter, or a full checkpoint)."""
     _check_config(cfg)
-    rank, world = _world()
+    rank, world = distributed.world()
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     found = checkpoint.completed(ckpt_root)
     if found and not cfg.resume:
         raise InputError(f"{out} already holds training checkpoints; pass --resume to continue, or choose a new --out")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the device NCCL and FSDP's mesh use on this rank
     use_autocast = {"on": True, "off": False}.get(cfg.autocast, device.type == "cuda" and torch.cuda.is_bf16_supported())
     tokenizer = load_tokenizer(cfg.model)
     data = Batches(read_jsonl(cfg.data, tokenizer, cfg.seq_len), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
@@ -169,7 +179,13 @@ def train(cfg: TrainConfig) -> Path:
     steps = cfg.steps or math.ceil(data.per_epoch / per_step)
     cfg = dataclasses.replace(cfg, steps=steps)
 
-    model = _prepare_model(cfg, device)
+    model = _prepare_model(cfg, device, world)
+    wrapped = distributed.wrap(model, cfg.parallel, world, device)  # `model` itself unless DDP
+    sharded = distributed.sharded(wrapped)
+    if world > 1:
+        held = distributed.parameter_bytes(model)
+        print(f"rank {rank}/{world} holds {held / 2**20:.1f} MiB of parameters ({held} bytes, {cfg.parallel})",
+              file=sys.stderr, flush=True)
     params = _trainable(model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup, steps))
@@ -185,8 +201,8 @@ def train(cfg: TrainConfig) -> Path:
                              "resume with the same flags, or start a new --out")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(tensors[name])
-        optimizer.load_state_dict(opt_state)
+                p.copy_(distributed.shard_like(tensors[name], p))
+        optimizer.load_state_dict(distributed.shard_optimizer(opt_state, list(params.values())))
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"][rank])
         start = state["step"]
@@ -204,16 +220,20 @@ def train(cfg: TrainConfig) -> Path:
             dist.all_gather_object(rngs, checkpoint.rng_state())
         else:
             rngs = [checkpoint.rng_state()]
+        trainable = distributed.gather(params, keep=lead)  # every rank: collectives under FSDP
+        opt_state = distributed.gather_optimizer(optimizer.state_dict(), keep=lead)
         if lead:
-            folder = checkpoint.save(ckpt_root, step, params, optimizer.state_dict(),
+            folder = checkpoint.save(ckpt_root, step, trainable, opt_state,
                                      {"scheduler": scheduler.state_dict(), "rng": rngs, "settings": settings})
             print(f"saved checkpoint {folder}", file=sys.stderr, flush=True)
 
     def run_eval(step: int) -> None:
-        if eval_batches and lead:
+        # Every FSDP rank runs the forward (each holds a shard of every weight); else rank 0 alone.
+        if eval_batches and (lead or sharded):
             loss = evaluate(model, eval_batches, device, use_autocast)
-            metrics.log(step=step, eval_loss=loss)
-            bar.write(f"step {step}: eval loss {loss:.4f}")
+            if lead:
+                metrics.log(step=step, eval_loss=loss)
+                bar.write(f"step {step}: eval loss {loss:.4f}")
 
     started = time.perf_counter()
     for step in range(start, steps):
@@ -221,18 +241,16 @@ def train(cfg: TrainConfig) -> Path:
         batches = [data[(step * cfg.grad_accum + a) * world + rank] for a in range(cfg.grad_accum)]
         counts = torch.tensor([sum(mb.n_targets for mb in batches), sum(len(mb.input_ids) for mb in batches)],
                               dtype=torch.float64)
-        _all_reduce([counts], world)
-        n_targets, n_tokens = counts.tolist()
+        n_targets, n_tokens = distributed.all_sum(counts, world).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for mb in batches:
-            loss = _loss_sum(model, mb, device, use_autocast)
-            (loss / n_targets).backward()
+        for a, mb in enumerate(batches):
+            with distributed.gradient_sync(wrapped, sync=a == len(batches) - 1):
+                loss = _loss_sum(wrapped, mb, device, use_autocast)
+                # DDP and FSDP average gradients over ranks; times `world`, that is their sum.
+                (loss * world / n_targets).backward()
             loss_sum += loss.detach().double().cpu()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-        _all_reduce([loss_sum, *grads], world)
-        for p, g in zip(params.values(), grads):
-            p.grad = g
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm).item()
+        distributed.all_sum(loss_sum, world)
+        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -251,12 +269,30 @@ def train(cfg: TrainConfig) -> Path:
             save_checkpoint(done)
     bar.close()
     run_eval(steps)
+    result = _result_model(model, cfg, lead)
     if lead:
-        _write_result(model, cfg, out)
+        _write_result(result, cfg, out)
         plot(metrics.records(), out / "loss.png")
     if world > 1:
         dist.barrier()
     return out
+
+
+def _result_model(model: Transformer, cfg: TrainConfig, lead: bool) -> Transformer | None:
+    """The model whose weights are the result: `model`, or under FSDP a CPU copy gathered on rank 0
+    (None elsewhere) that holds only the LoRA factors for LoRA (the frozen base is not written)."""
+    if not distributed.sharded(model):
+        return model
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad or not cfg.lora}
+    tensors = distributed.gather(named, keep=lead)
+    if not lead:
+        return None
+    if not cfg.lora:
+        return build_model(model.args, tensors.items(), source=Path(cfg.out), dtype=None, device="cpu")
+    with torch.device("meta"):
+        copy = lora.apply_lora(Transformer(model.args), cfg.lora)
+    copy.load_state_dict(tensors, strict=False, assign=True)
+    return copy
 
 
 def _write_result(model: Transformer, cfg: TrainConfig, out: Path) -> None:
