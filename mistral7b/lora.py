@@ -26,7 +26,7 @@ from torch import nn
 
 from .args import read_json_object
 from .errors import CheckpointError, ConfigError
-from .model import Transformer
+from .model import Linear, Transformer
 from .weights.hf import permute_from_hf, permute_to_hf
 
 # our module name -> (parent attribute in a block, HF module name)
@@ -169,11 +169,11 @@ def set_merged(model: Transformer, merged: bool) -> None:
 
 
 def merge_and_unload(model: Transformer) -> Transformer:
-    """Fold every adapter into its base weight and put plain `nn.Linear`s back: a model `save` writes as is."""
+    """Fold every adapter into its base weight and put plain linears back: a model `save` writes as is."""
     for name, m in lora_modules(model).items():
         m.merge()
         parent_name, _, attr = name.rpartition(".")
-        plain = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=False, device="meta")
+        plain = Linear(m.weight.shape[1], m.weight.shape[0], device="meta")
         plain.weight = m.weight
         setattr(model.get_submodule(parent_name), attr, plain)
     model.__dict__.pop("lora_config", None)
