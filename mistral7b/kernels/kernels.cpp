@@ -129,10 +129,11 @@ struct Int8Block {
 };
 
 // int4: 16 bytes, byte j = weight j (low nibble) | weight j+16 (high nibble); weights are 0..15.
+// The bytes go to both 128-bit lanes (a broadcast load, no shuffle), the high lane shifted by 4.
 struct Int4Block {
   static inline __m256i load(const uint8_t* row, int64_t b) {
-    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * bytes));
-    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * bytes)));
+    const __m256i both = _mm256_srlv_epi32(raw, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
   }
   static inline __m256i lhs(__m256i w) { return w; }
@@ -179,7 +180,10 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const f
     if (b < nb) step(b, 0);
     for (int r = 0; r < R; ++r) {
       float y = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-      if (mins) y += dot(mins + n * ng, a.gsum.data() + (m0 + r) * ng, ng) + 7.5f * dot(s, a.gerr.data() + (m0 + r) * ng, ng);
+      if (mins) {
+        y += dot(mins + n * ng, a.gsum.data() + (m0 + r) * ng, ng);
+        y += 7.5f * dot(s, a.gerr.data() + (m0 + r) * ng, ng);
+      }
       out[(m0 + r) * N + n] = static_cast<T>(y);
     }
   }
@@ -216,6 +220,11 @@ void dispatch_float(at::ScalarType t, Fn fn) {
   }
 }
 
+// Contiguous fp32 without a dispatch when it already is (the common case, per decode call).
+at::Tensor contiguous_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.contiguous().to(at::kFloat);
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
@@ -226,7 +235,7 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
 template <typename Block>
 at::Tensor quantized_gemv(const at::Tensor& x_, const at::Tensor& qw_, const at::Tensor& scales_,
                           const c10::optional<at::Tensor>& mins_) {
-  const auto x = x_.contiguous(), qw = qw_.contiguous(), scales = scales_.contiguous().to(at::kFloat);
+  const auto x = x_.contiguous(), qw = qw_.contiguous(), scales = contiguous_float(scales_);
   const int64_t K = x.size(-1), N = qw.size(0), M = x.numel() / std::max<int64_t>(K, 1);
   TORCH_CHECK(qw.dim() == 2 && qw.size(1) == K / QK * Block::bytes,
               "qweight ", qw.sizes(), " does not match K = ", K);
@@ -236,7 +245,7 @@ at::Tensor quantized_gemv(const at::Tensor& x_, const at::Tensor& qw_, const at:
   TORCH_CHECK(G % QK == 0, "group size ", G, " is not a multiple of ", QK);
   at::Tensor mins;
   if (mins_) {
-    mins = mins_->contiguous().to(at::kFloat);
+    mins = contiguous_float(*mins_);
     TORCH_CHECK(mins.sizes() == scales.sizes(), "mins ", mins.sizes(), " != scales ", scales.sizes());
   }
   auto out = at::empty(out_shape(x, N), x.options());
@@ -296,7 +305,7 @@ at::Tensor float_gemv(const at::Tensor& x_, const at::Tensor& w_) {
   const int64_t K = x_.size(-1), N = w.size(0), M = x_.numel() / std::max<int64_t>(K, 1);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "weight ", w.sizes(), " does not match K = ", K);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "weight must be float32 or bfloat16");
-  const auto x = x_.to(at::kFloat).contiguous();
+  const auto x = contiguous_float(x_);
   auto out = at::empty(out_shape(x_, N), x_.options());
   if (M == 0 || N == 0) return out;
   dispatch_float(x_.scalar_type(), [&](auto out_tag) {
@@ -318,11 +327,11 @@ at::Tensor float_gemv(const at::Tensor& x_, const at::Tensor& w_) {
 template <typename Block>
 at::Tensor dequantize(const at::Tensor& qw_, const at::Tensor& scales_, const c10::optional<at::Tensor>& mins_,
                       at::ScalarType dtype) {
-  const auto qw = qw_.contiguous(), scales = scales_.contiguous().to(at::kFloat);
+  const auto qw = qw_.contiguous(), scales = contiguous_float(scales_);
   const int64_t N = qw.size(0), K = qw.size(1) / Block::bytes * QK;
   const int64_t ng = scales.size(1), G = K / ng, row_bytes = qw.size(1);
   TORCH_CHECK(scales.size(0) == N && K % ng == 0 && G % QK == 0, "scales ", scales.sizes(), " do not match ", qw.sizes());
-  at::Tensor mins = mins_ ? mins_->contiguous().to(at::kFloat) : at::Tensor();
+  at::Tensor mins = mins_ ? contiguous_float(*mins_) : at::Tensor();
   auto out = at::empty({N, K}, qw.options().dtype(dtype));
   const auto* q = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   const float* s = scales.data_ptr<float>();
