@@ -36,7 +36,7 @@ def methods(n: int, k: int) -> dict[str, tuple[int, callable]]:
         "ours int8": (n * k + 4 * n, lambda w: _ours_int8(w)),
         "ours int4 G32": (n * k // 2 + 8 * n * k // 32, lambda w: _ours_int4(w)),
         "ours float fp32": (4 * n * k, lambda w: (lambda x: kernels.float_linear(x, w))),
-        "ours float bf16": (2 * n * k, lambda w, wb=None: (lambda x, w=w.bfloat16(): kernels.float_linear(x, w))),
+        "ours float bf16": (2 * n * k, lambda w: (lambda x, w=w.bfloat16(): kernels.float_linear(x, w))),
     }
 
 
@@ -76,7 +76,7 @@ def table(shapes, rows: int) -> dict:
     for n, k in shapes:
         x = torch.randn(rows, k)
         for name, (nbytes, make) in methods(n, k).items():
-            copies = max(2, min(64, math.ceil(POOL_BYTES / nbytes)))
+            copies = max(2, min(4096, math.ceil(POOL_BYTES / nbytes)))
             fns = [make(torch.randn(n, k) / math.sqrt(k)) for _ in range(copies)]
             t = bench(fns, x)
             results[(n, k, name)] = t

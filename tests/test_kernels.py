@@ -7,10 +7,10 @@ of up to 1/254 per element, random in sign), so the outputs differ from dequanti
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.cpp_extension
 
 from mistral7b import kernels
 from mistral7b.kernels import formats, native
