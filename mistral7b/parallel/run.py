@@ -202,6 +202,8 @@ class Leader:
                  rows: list[int] | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 1:  # the followers get a flat copy: fail here, before telling them
             raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
+        if cache is not None and cache not in self._cache_ids:
+            raise ValueError("a tensor-parallel model runs only caches made by its new_cache()")
         batch_rows = list(range(len(seqlens))) if rows is None else list(rows)
         lengths = [cache.lengths[r] for r in batch_rows] if cache is not None else [0] * len(batch_rows)
         outputs = output_rows.reshape(-1).cpu() if output_rows is not None else torch.empty(0, dtype=torch.long)
