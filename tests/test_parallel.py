@@ -3,7 +3,9 @@ server equal the single-process run on tiny windowed models, in every checkpoint
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +55,15 @@ def checkpoints(tmp_path_factory) -> list[Path]:
 
 
 def run(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    """Run a command in its own process group, all of which a timeout kills (torchrun's ranks too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_logits_and_generate_equal_one_process(checkpoints, tmp_path):
