@@ -79,7 +79,7 @@ def test_native_dequantize_equals_reference(dtype):
     assert torch.equal(kernels.dequantize_int4(q4, s4, m4, dtype), formats.dequantize_int4(q4, s4, m4, dtype))
 
 
-CASES = [(k, g) for k in (576, 1536) for g in (32, 64, 128) if k % g == 0]
+CASES = [(576, 32), (576, 64), (1536, 128)]  # K not a power of two, G = 32, 64, 128
 
 
 @needs_native
@@ -97,7 +97,7 @@ def test_int4_linear_matches_reference(k, group, dtype, rows):
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 5, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,group", [(576, None), (1536, None), (576, 64), (1536, 32)])
+@pytest.mark.parametrize("k,group", [(576, None), (1536, 32)])  # per channel, grouped
 def test_int8_linear_matches_reference(k, group, dtype, rows):
     q, s = kernels.quantize_int8(weight(96, k), group)
     x = torch.randn(rows, k).to(dtype)
