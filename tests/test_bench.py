@@ -57,6 +57,7 @@ def test_bench_tiny_model_against_transformers(tiny_hf, tmp_path):
     (["--configs", "bf16+int3"], "'bf16+int3' is not a config"),
     (["--peers", "vllm"], "unknown peer(s) vllm"),
     (["--batch", "0"], "--batch must be at least 1"),
+    (["--json", "/nonexistent/bench.json"], "its folder does not exist"),
 ])
 def test_bench_user_errors_are_one_line(args, message, capsys):
     assert main(["bench", *args]) == 2  # in this process: the checks come before any worker starts

@@ -101,11 +101,14 @@ def parse_peers(spec: str) -> list[str]:
     return names
 
 
-def _check_counts(args) -> None:
+def _check_flags(args) -> None:
+    """Fail before the minutes of measuring, not after."""
     for flag in ("prompt_tokens", "decode_tokens", "batch", "repeat", "threads", "group_size", "bandwidth_mib"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise InputError(f"--json {args.json}: its folder does not exist")
 
 
 class Workers:
@@ -124,6 +127,7 @@ class Workers:
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not result_path.exists():
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            print(f"bench: {label} failed: {last}", file=sys.stderr, flush=True)
             return {"skipped": f"the worker failed: {last}"}
         print(f"bench: {label} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         return json.loads(result_path.read_text())
@@ -177,7 +181,7 @@ def run(args) -> None:
     from ..weights import _READERS, detect_format
     from .measure import measure_bandwidth
 
-    _check_counts(args)
+    _check_flags(args)
     configs, peers = parse_configs(args.configs), parse_peers(args.peers)
     path = (Path(args.model) if args.model else default_model_path()).resolve()
     fmt = detect_format(path)
