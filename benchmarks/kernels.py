@@ -7,7 +7,27 @@ Weights are cold, as in a real decode step that streams every layer once: each c
 enough copies to overflow the 32 MiB L3. GB/s = weight bytes read (scales and mins included) / time.
 Each number is the best of 5 rounds.
 
-Preliminary results (2 threads, AMD EPYC, AVX2; shared machine, noisy): filled in below.
+Preliminary results, to be re-run on a quiet machine: `--threads 1`, AMD EPYC (AVX2), torch 2.13,
+2026-11-27, while other jobs held the load average at 9-11 on the 2 cores and saturated memory:
+absolute numbers are ~10x below this machine's (31 GB/s); only the ratios within a row mean much.
+A 2-thread run under that load was meaningless (every parallel region waits for a descheduled
+thread). Cells: us per call, GB/s.
+
+| shape (NxK) | F.linear fp32 | F.linear bf16 | int8pack_mm bf16 | ours int8 | ours int4 G32 | ours float fp32 | ours float bf16 |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| 576x576 | 468 us 2.8 | 345 us 1.9 | 347 us 1.0 | 179 us 1.9 | 116 us 2.1 | 484 us 2.7 | 211 us 3.1 |
+| 192x576 | 146 us 3.0 | 133 us 1.7 | 90 us 1.2 | 50 us 2.2 | 57 us 1.5 | 198 us 2.2 | 103 us 2.1 |
+| 1536x576 | 1848 us 1.9 | 1074 us 1.6 | 996 us 0.9 | 335 us 2.7 | 216 us 3.1 | 866 us 4.1 | 488 us 3.6 |
+| 576x1536 | 706 us 5.0 | 754 us 2.3 | 550 us 1.6 | 346 us 2.6 | 215 us 3.1 | 1008 us 3.5 | 580 us 3.0 |
+| 49152x576 | 34955 us 3.2 | 26427 us 2.1 | 63676 us 0.4 | 16820 us 1.7 | 16265 us 1.3 | 75054 us 1.5 | 46752 us 1.2 |
+| 4096x4096 | 30099 us 2.2 | 22634 us 1.5 | 13577 us 1.2 | 7882 us 2.1 | 8060 us 1.6 | 31095 us 2.2 | 14141 us 2.4 |
+| 1024x4096 | 6153 us 2.7 | 5849 us 1.4 | 2964 us 1.4 | 2009 us 2.1 | 1816 us 1.7 | 13796 us 1.2 | 8042 us 1.0 |
+| 14336x4096 | 133571 us 1.8 | 85245 us 1.4 | 95601 us 0.6 | 36890 us 1.6 | 13847 us 3.2 | 48518 us 4.8 | 31988 us 3.7 |
+| 4096x14336 | 37890 us 6.2 | 45316 us 2.6 | 15232 us 3.9 | 14809 us 4.0 | 15752 us 2.8 | 61518 us 3.8 | 30168 us 3.9 |
+
+SmolLM2-135M token, GEMVs only, from the same run: F.linear fp32 204 ms, F.linear bf16 142 ms,
+int8pack_mm 166 ms, ours int8 61 ms, ours int4 46 ms, ours float bf16 112 ms (target on a quiet
+machine: int4 under ~6 ms).
 """
 
 from __future__ import annotations
@@ -35,7 +55,7 @@ def methods(n: int, k: int) -> dict[str, tuple[int, callable]]:
         "int8pack_mm bf16": (n * k + 2 * n, lambda w: _int8pack(w)),
         "ours int8": (n * k + 4 * n, lambda w: _ours_int8(w)),
         "ours int4 G32": (n * k // 2 + 8 * n * k // 32, lambda w: _ours_int4(w)),
-        "ours float fp32": (4 * n * k, lambda w: (lambda x: kernels.float_linear(x, w))),
+        "ours float fp32": (4 * n * k, lambda w: (lambda x: torch.ops.mistral7b.float_gemv(x, w))),
         "ours float bf16": (2 * n * k, lambda w: (lambda x, w=w.bfloat16(): kernels.float_linear(x, w))),
     }
 

@@ -143,6 +143,7 @@ def test_float_linear_matches_f_linear(k, rows, wdtype):
     w = weight(72, k).to(wdtype)
     x = torch.randn(rows, k)
     torch.testing.assert_close(kernels.float_linear(x, w), F.linear(x, w.float()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.ops.mistral7b.float_gemv(x, w), F.linear(x, w.float()), rtol=1e-4, atol=1e-5)
 
 
 def test_fallback_is_the_reference(monkeypatch):
