@@ -54,17 +54,20 @@ def test_bad_group_size_is_refused():
         kernels.quantize_int8(weight(8, 576), 128)
 
 
-def test_gguf_q4_1_bytes_are_our_int4_layout():
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_q4_bytes_are_our_int4_layout(kind):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
+    qtype = GGMLQuantizationType[kind]
     w = weight(16, 576).numpy()
-    raw = quantize(w, GGMLQuantizationType.Q4_1)  # [16, 576 / 32 * 20]: per block d fp16, m fp16, 16 bytes
-    blocks = torch.from_numpy(raw.reshape(16, -1, 20).copy())
-    scales = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
-    mins = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
-    qweight = blocks[..., 4:].reshape(16, -1)
-    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).reshape(16, 576))
+    raw = quantize(w, qtype)  # per 32-block: d fp16, (Q4_1: m fp16), 16 bytes of nibbles
+    blocks = torch.from_numpy(raw.reshape(16, 576 // 32, -1).copy())
+    halves = blocks[..., :-16].contiguous().view(torch.float16).float()  # [16, K/32, 1 or 2]
+    scales = halves[..., 0]
+    mins = halves[..., 1] if kind == "Q4_1" else -8 * scales  # Q4_0: w = (q - 8) d
+    qweight = blocks[..., -16:].reshape(16, -1)
+    expected = torch.from_numpy(dequantize(raw, qtype).reshape(16, 576))
     assert torch.equal(formats.dequantize_int4(qweight, scales, mins), expected)
     assert torch.equal(kernels.dequantize_int4(qweight, scales, mins), expected)
 
@@ -92,6 +95,15 @@ def test_int4_linear_matches_reference(k, group, dtype, rows):
     y = kernels.int4_linear(x, q, s, m)
     assert y.dtype == dtype and y.shape == (rows, 96)
     assert rel_err(y, F.linear(x.float(), formats.dequantize_int4(q, s, m))) < QUANT_RTOL
+
+
+@needs_native
+def test_int8_gemv_takes_minus_128():  # GGUF Q8_0 may hold it; |-128| is 128 as maddubs' unsigned byte
+    q = torch.full((4, 64), -128, dtype=torch.int8)
+    q[:, ::3] = 127
+    s = torch.rand(4, 1)
+    x = torch.randn(1, 64)
+    assert rel_err(kernels.int8_linear(x, q, s), F.linear(x, formats.dequantize_int8(q, s))) < QUANT_RTOL
 
 
 @needs_native
