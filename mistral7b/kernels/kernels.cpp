@@ -117,8 +117,8 @@ Activations& quantize_activations(const T* x, int64_t M, int64_t K, int64_t G) {
 }
 
 // ---- weight blocks: 32 weights as 32 bytes, and their int32 dot with 32 int8 activations ------
-// int8: w * x = |w| * (x * sign(w)), so maddubs (unsigned x signed) applies; |w|, |x| <= 127 keep the
-// pair sums within int16.
+// int8: w * x = |w| * (x * sign(w)), so maddubs (unsigned x signed) applies. |x| <= 127 and |w| <= 128
+// (sign(-128, -128) is the byte 0x80, 128 unsigned) keep the pair sums within int16.
 struct Int8Block {
   static inline __m256i load(const uint8_t* row, int64_t b) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * bytes));
