@@ -5,7 +5,7 @@ memory bandwidth (~31 GB/s with 2 threads here), yet with 2 threads (AMD EPYC, A
 - F.linear (MKL/oneDNN) fp32 reaches ~30 GB/s only on small warm weights; cold or large it falls to
   8-17 GB/s (49152x576: 14 ms, 8 GB/s), and bf16 weights run at 11-14 GB/s. Profiling showed aten::mm
   at ~80 ms of a ~100 ms fp32 SmolLM2-135M token.
-- torch's int4 kernel `_weight_int4pack_mm_for_cpu` moves ~6 GB/s; `_weight_int8pack_mm` wants bf16
+- torch's int4 kernel `_weight_int4pack_mm_for_cpu` moves ~6 GB/s (the project's profiling); `_weight_int8pack_mm` wants bf16
   activations and reaches 6-13 GB/s.
 So `kernels.cpp` does what llama.cpp does: quantize the activations per 32-block to int8 (+ fp32
 scale), dot them with the int8 or int4 weight blocks in integers (AVX2 maddubs/madd), scale and
@@ -19,10 +19,15 @@ Paths, by activation rows M = x.numel() // K:
 - x on CUDA, x requiring grad (LoRA on a frozen quantized base), MISTRAL7B_NATIVE=0 or no native
   build: dequantize + F.linear in pure torch, which autograd and any device handle.
 `float_linear`: bf16 weights take the native GEMV for M <= 32 (it converts bf16 to fp32 in
-registers; 1.1-3.8x faster than F.linear bf16 on the SmolLM2 and 7B shapes, same-run A/B with 1 and 2
+registers; 1.0-3.8x faster than F.linear bf16 on the SmolLM2 and 7B shapes, same-run A/B with 1 and 2
 threads); fp32 weights take F.linear, whose MKL sgemv was as fast as ours or faster in those A/Bs
 (ours: 0.8-1.5x with 1 thread, behind with 2 on a busy machine). `float_gemv` still takes fp32 so
 that benchmarks/kernels.py can re-check this on a quiet machine.
+
+Threads: the GEMVs split rows over torch's threads once each gets >= 32 KB of weights. On a machine
+busy with other jobs (load 5-10 on 2 cores), every 2-thread region waits for a descheduled thread:
+the 211 int4 GEMVs of a SmolLM2-135M token took 38-150 ms with 2 threads against 18-30 ms with 1
+(and 2-thread torch.add regions slowed alike), so there torch.set_num_threads(1) is the better choice.
 
 All native ops are `torch.ops.mistral7b.*` with fake implementations: torch.compile traces the
 wrappers below and calls the ops as extern kernels.

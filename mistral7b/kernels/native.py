@@ -1,7 +1,8 @@
 """Builds and loads kernels.cpp (the `torch.ops.mistral7b.*` ops) on first use.
 
 The build goes to torch's extensions cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR),
-which persists across processes: only the first process after a change to kernels.cpp compiles.
+which persists across processes: only the first process after a change to kernels.cpp compiles
+(~35 s of compiler CPU time; 50-120 s wall on a busy 2-core machine).
 No compiler, a CPU without AVX2, or a failed build warn once and leave the pure-torch path in use.
 `MISTRAL7B_NATIVE=0` forces that path.
 """
