@@ -74,13 +74,22 @@ def run_export(spec: dict) -> dict:
 RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llama_cpp, "export": run_export}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: that one carries the
+    parent's peak over fork + exec, so every worker would report at least the parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     try:
         result = RUNNERS[spec["kind"]](spec)
     except Skipped as e:
         result = {"skipped": str(e)}
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["peak_rss_mib"] = peak_rss_mib()
     Path(result_path).write_text(json.dumps(result))
 
 
