@@ -24,7 +24,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) ->
 def default_block(window: int) -> int:
     """Queries per block. A block of b queries computes b x (b + W - 1) scores for b x W useful ones,
     so smaller is less waste; but on CPU, SDPA calls of fewer than ~768 queries ran 1.5-2x slower per
-    score (smaller internal tiles). Measured best: 768 at W=1024, ~W/4 at W=4096 (BENCHMARKS.md)."""
+    score (smaller internal tiles). Measured best: 768 at W=1024; 1024 of 512/1024/2048 at W=4096."""
     return max(768, window // 4)
 
 
