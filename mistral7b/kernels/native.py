@@ -25,19 +25,15 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 ENABLED = os.environ.get("MISTRAL7B_NATIVE", "1") != "0"
 
 
-def native_available() -> bool:
-    """True when native ops are enabled and built (the CPU has AVX2 and the build succeeded)."""
-    return ENABLED and _load()
-
-
 _built: list[bool] = []  # the build's outcome, once known
 
 
-@torch.compiler.assume_constant_result  # torch.compile takes the answer, it does not trace the build
-def _load() -> bool:
-    if not _built:
+def native_available() -> bool:
+    """True when native ops are enabled and built (the CPU has AVX2 and the build succeeded).
+    torch.compile never traces the build (is_compiling); it reads the outcome of an eager call."""
+    if ENABLED and not _built and not torch.compiler.is_compiling():
         _built.append(_build())
-    return _built[0]
+    return ENABLED and bool(_built) and _built[0]
 
 
 def _build() -> bool:
