@@ -20,9 +20,9 @@ Paths, by activation rows M = x.numel() // K:
   build: dequantize + F.linear in pure torch, which autograd and any device handle.
 `float_linear`: bf16 weights take the native GEMV for M <= 32 (it converts bf16 to fp32 in
 registers; 1.0-3.8x faster than F.linear bf16 on the SmolLM2 and 7B shapes, same-run A/B with 1 and 2
-threads); fp32 weights take F.linear, whose MKL sgemv was as fast as ours or faster in those A/Bs
-(ours: 0.8-1.5x with 1 thread, behind with 2 on a busy machine). `float_gemv` still takes fp32 so
-that benchmarks/kernels.py can re-check this on a quiet machine.
+threads). fp32 weights take it too: in isolated A/Bs on a busy machine MKL's sgemv looked as fast
+(0.8-1.5x), but in the whole SmolLM2 fp32 decode on a quiet machine (2 threads) ours gave 19.5
+tok/s against F.linear's 13.8 (MKL's per-call cost on 210 small GEMVs a token).
 
 Threads: the GEMVs split rows over torch's threads once each gets >= 32 KB of weights. On a machine
 busy with other jobs (load 5-10 on 2 cores), every 2-thread region waits for a descheduled thread:
@@ -117,6 +117,6 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> Ten
 
 def float_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., K] @ weight.T for fp32 or bf16 weight [N, K] -> [..., N] in x.dtype."""
-    if weight.dtype == torch.bfloat16 and _native(x) and _few_rows(x):
+    if weight.dtype in (torch.bfloat16, torch.float32) and _native(x) and _few_rows(x):
         return torch.ops.mistral7b.float_gemv(x, weight)
     return F.linear(x, weight.to(x.dtype))
