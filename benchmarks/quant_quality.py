@@ -5,7 +5,7 @@ unquantized model, for the built-in SmolLM2-135M (or --model).
 
 The built-in GGUF is Q4_1, so "fp32" is its weights dequantized, the model the other commands run
 by default. int8 / int4 here quantize those fp32 weights with our quantizer (per-channel int8, int4
-in groups of 32 and 128); "GGUF Q4_1 packed" is `load(quantize="int4")`, which keeps the file's own
+in groups of 32 and 64); "GGUF Q4_1 packed" is `load(quantize="int4")`, which keeps the file's own
 blocks (its weights equal the fp32 model's, so only the activations' rounding in the GEMV differs).
 Scored token by token through the decode path (batch-1 GEMV, the path whose rounding matters).
 """
@@ -57,8 +57,9 @@ def main() -> None:
     base_ppl, base_top1 = score(mistral7b.load(args.model), ids)
     rows = [("fp32", base_ppl, 1.0)]
     variants = [("int8 (per channel)", lambda: quantize(mistral7b.load(args.model), "int8")),
+                ("int8 G32", lambda: quantize(mistral7b.load(args.model), "int8", 32)),
                 ("int4 G32", lambda: quantize(mistral7b.load(args.model), "int4", 32)),
-                ("int4 G128", lambda: quantize(mistral7b.load(args.model), "int4", 128)),
+                ("int4 G64", lambda: quantize(mistral7b.load(args.model), "int4", 64)),
                 ("GGUF blocks packed (load(quantize='int4'))", lambda: mistral7b.load(args.model, quantize="int4"))]
     for name, make in variants:
         ppl, top1 = score(make(), ids)
