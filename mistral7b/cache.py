@@ -169,17 +169,18 @@ class KVCache:
         the rows' first `used` slots in place, with no copy of the cache."""
         device = self.device
         positions = torch.tensor(starts, device=device)  # [B]
-        dst = torch.tensor([r * self.slots + p % self.slots for r, p in zip(rows, starts)], device=device)
+        slot = positions % self.slots
         used = max(min(p + 1, self.slots) for p in starts)
         k_pos = self.slot_pos[row_index, :used].clone()  # [B, used], as it will be after the write
-        k_pos.scatter_(1, (positions % self.slots)[:, None], positions[:, None])
+        k_pos.scatter_(1, slot[:, None], positions[:, None])
         q = positions[:, None]
         valid = (k_pos >= 0) & (k_pos <= q)
         if self.window is not None:
             valid &= (q - k_pos) < self.window
         mask = None if bool(valid.all()) else valid[:, None, None, :]  # [B, 1, 1, used]
-        return StepPlan(positions=positions, pad_index=None, batch=len(rows), length=1, mask=mask, rows=row_index,
-                        used_slots=used, write_src=None, write_dst=dst, new_slot_pos=positions, decode=True)
+        return StepPlan(positions=positions, pad_index=None, batch=len(rows), length=1, mask=mask, rows=row_index, used_slots=used,
+                        write_src=None, write_dst=torch.tensor(rows, device=device) * self.slots + slot,
+                        new_slot_pos=positions, decode=True)
 
     def append_and_read(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor):
         """Decode: store k, v [B, n_kv_heads, head_dim] in their slots, then return the rows'

@@ -35,6 +35,14 @@ def make_hf_model(name: str, seed: int = 0, **overrides):
     return model
 
 
+def saved_hf_model(tmp_path_factory, name: str = "w4"):
+    """(a fresh transformers model, the folder it was saved to) for one test module to use."""
+    model = make_hf_model(name)
+    folder = tmp_path_factory.mktemp(f"hf-{name}")
+    model.save_pretrained(folder)
+    return model, folder
+
+
 @pytest.fixture(scope="session", params=list(TINY_CONFIGS))
 def tiny_pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its saved HF folder, window)."""

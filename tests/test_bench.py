@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_hf_model
+from conftest import saved_hf_model
 from test_cli import run_cli
 
 from mistral7b.cli import main
@@ -17,10 +17,7 @@ TINY_WORKLOAD = ["--prompt-tokens", "8", "--decode-tokens", "4", "--batch", "2",
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    model = make_hf_model("w4")
-    folder = tmp_path_factory.mktemp("bench-hf")
-    model.save_pretrained(folder)
-    return model, folder
+    return saved_hf_model(tmp_path_factory)
 
 
 def test_bench_tiny_model_against_transformers(tiny_hf, tmp_path):

@@ -11,7 +11,7 @@ from mistral7b.lora import (LoRAConfig, apply_lora, load_adapter, lora_modules, 
                             set_merged)
 from mistral7b.weights.hf import permute_to_hf
 
-from conftest import make_hf_model
+from conftest import saved_hf_model
 
 peft = pytest.importorskip("peft")
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -23,10 +23,7 @@ SEQLENS = [11, 6, 9]  # longer than the window (4) of config w4
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers model, folder of its HF checkpoint)."""
-    hf = make_hf_model("w4")
-    folder = tmp_path_factory.mktemp("hf-w4")
-    hf.save_pretrained(folder)
-    return hf, folder
+    return saved_hf_model(tmp_path_factory)
 
 
 def _ours_with_lora(folder, config: LoRAConfig, seed: int = 0) -> mistral7b.Transformer:

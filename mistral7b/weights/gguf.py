@@ -140,11 +140,11 @@ def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None, *, 
         if kind not in _SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor '{tensor.name}' has type {kind}, which mistral7b cannot read "
                                   f"(supported: {', '.join(_SUPPORTED_TYPES)})")
-        if packed and name.endswith(_LINEAR_SUFFIXES) or (packed and args.tied_embeddings and name == _EMBEDDING):
-            target = "output.weight" if name == _EMBEDDING else name
+        target = "output.weight" if args.tied_embeddings and name == _EMBEDDING else name
+        if packed and target.endswith(_LINEAR_SUFFIXES):
             if (weight := _packed(file, tensor, part_of and part_of(target, tensor.shape))) is not None:
                 yield target, weight
-                if name != _EMBEDDING:
+                if target == name:  # a tied embedding is the float lookup table as well
                     continue
         try:
             values = file.dequantize(tensor, part_of and part_of(name, tensor.shape))
