@@ -15,6 +15,7 @@ from . import kernels
 from .args import ModelArgs
 from .attention import attend
 from .cache import KVCache, StepPlan, plan_without_cache
+from .quant import QuantLinear
 
 
 class Linear(nn.Linear):
@@ -62,10 +63,10 @@ def _to_padded(x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return x.view(plan.batch, plan.length, *x.shape[1:]).transpose(1, 2)
 
 
-def _storage_ptr(linear: nn.Module) -> int:
-    if hasattr(linear, "storage_ptr"):  # a quant.QuantLinear
-        return linear.storage_ptr()
-    return linear.weight.untyped_storage().data_ptr()
+def _weight_ptr(module: nn.Module) -> int:
+    """Address of a layer's weight data (-1: none): it changes when the weight is replaced or cast."""
+    weight = module.qweight if isinstance(module, QuantLinear) else getattr(module, "weight", None)
+    return -1 if weight is None else weight.data_ptr()
 
 
 class FusedProjection:
@@ -95,13 +96,23 @@ class FusedProjection:
         for part, size in zip(parts, self.sizes):
             bind(part, start, start + size)
             start += size
-        self.ptr = _storage_ptr(self.linear)
+        self.ptrs = [_weight_ptr(p) for p in parts]
 
     def matches(self, parts: list[nn.Module]) -> bool:
-        return all(a is b and _storage_ptr(a) == self.ptr for a, b in zip(parts, self.parts))
+        return all(a is b for a, b in zip(parts, self.parts)) and [_weight_ptr(p) for p in parts] == self.ptrs
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(x).split(self.sizes, dim=-1)
+
+
+def _kernel_tensors(linear: nn.Module) -> list[torch.Tensor] | None:
+    """A linear layer as kernels.decode_step takes it, or None when the native step cannot run it
+    (a LoRA or tensor-parallel wrapper, an fp16 weight)."""
+    if type(linear) is Linear and linear.weight.dtype in (torch.float32, torch.bfloat16):
+        return [linear.weight]
+    if isinstance(linear, QuantLinear):
+        return [getattr(linear, name) for name in linear.tensor_names]
+    return None
 
 
 def _fused_or_none(fused: FusedProjection | None, parts: list[nn.Module]) -> FusedProjection | None:
@@ -179,6 +190,36 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
+        self._native_key, self._native = None, None  # see native_weights
+
+    def native_weights(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """The block as kernels.decode_step takes it: ([attention_norm, ffn_norm, *qkv, *wo, *gate_up,
+        *down], [tensors in qkv, wo, gate_up, down]), or None when it cannot run natively (unfused,
+        LoRA- or tensor-parallel-wrapped projections, fp16 weights).
+        Validating every module per token would cost more than the layer's arithmetic, so the result
+        is kept while the block holds the same modules and fused projections (a LoRA wrap, a
+        quantization or re-fusing replaces them); `_apply` (casts, moves) drops it."""
+        attn, ffn = self.attention, self.feed_forward
+        key = (*self._modules.values(), *attn._modules.values(), *ffn._modules.values(),
+               attn.fused_qkv, ffn.fused_gate_up)
+        if self._native_key != key:
+            self._native_key, self._native = key, self._build_native_weights()
+        return self._native
+
+    def _apply(self, fn, *args, **kwargs):
+        self._native_key = self._native = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _build_native_weights(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        attn, ffn = self.attention, self.feed_forward
+        qkv = attn.fused_qkv if attn.fused_qkv and attn.fused_qkv.matches([attn.wq, attn.wk, attn.wv]) else None
+        gate_up = ffn.fused_gate_up if ffn.fused_gate_up and ffn.fused_gate_up.matches([ffn.w1, ffn.w3]) else None
+        if qkv is None or gate_up is None:
+            return None
+        linears = [_kernel_tensors(m) for m in (qkv.linear, attn.wo, gate_up.linear, ffn.w2)]
+        if any(t is None for t in linears) or type(self.attention_norm) is not RMSNorm or type(self.ffn_norm) is not RMSNorm:
+            return None
+        return [self.attention_norm.weight, self.ffn_norm.weight, *sum(linears, [])], [len(t) for t in linears]
 
     def forward(self, x, rope, plan, cache, layer):
         h = x + self.attention(self.attention_norm(x), rope, plan, cache, layer)
@@ -199,6 +240,7 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         if args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self._native_blocks, self._native_flat = [], None  # see _native_decode
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,6 +257,23 @@ class Transformer(nn.Module):
             layer.attention.fuse()
             layer.feed_forward.fuse()
         return self
+
+    def _native_decode(self, h: torch.Tensor, rope: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor | None:
+        """Every block of a decode step as one native call (kernels.decode_step), h [B, dim] -> [B, dim];
+        None where that does not apply (autograd, many rows, a block it cannot run)."""
+        if not kernels.decode_step_available(h, cache.k):
+            return None
+        blocks = [layer.native_weights() for layer in self.layers]
+        if any(b is None for b in blocks):
+            return None
+        if len(blocks) != len(self._native_blocks) or any(a is not b for a, b in zip(blocks, self._native_blocks)):
+            self._native_blocks = blocks  # flattened once: the per-block results are cached objects
+            self._native_flat = [t for tensors, _ in blocks for t in tensors], [n for _, sizes in blocks for n in sizes]
+        mask = None if plan.mask is None else plan.mask[:, 0, 0]  # [B, used]
+        attn = self.layers[0].attention
+        return kernels.decode_step(h, *self._native_flat, self.args.norm_eps, attn.n_heads, attn.n_kv_heads,
+                                   cache.k, cache.v, plan.write_dst, plan.used_slots, mask,
+                                   torch.view_as_real(rope[:, 0]))
 
     def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
         """A KV cache in this model's dtype and device (W slots per sequence for windowed models)."""
@@ -237,8 +296,12 @@ class Transformer(nn.Module):
             plan = cache.plan(seqlens, rows)
         rope = rope_rotation(plan.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(input_ids)  # [T, dim]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, plan, cache, i)
+        native = self._native_decode(h, rope, plan, cache) if plan.decode else None
+        if native is not None:
+            h = native
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, rope, plan, cache, i)
         if cache is not None:
             cache.commit(plan, seqlens, rows)
         if output_rows is not None:

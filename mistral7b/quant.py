@@ -54,9 +54,6 @@ class QuantLinear(nn.Module):
         for n in self.tensor_names:
             setattr(self, n, getattr(fused, n)[start:stop])
 
-    def storage_ptr(self) -> int:
-        return self.qweight.untyped_storage().data_ptr()
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 

@@ -1,8 +1,9 @@
 """mistral7b.kernels: formats, native kernels against the pure-torch reference, GGUF layout, compile, grads.
 
-Tolerance of the quantized GEMVs: they quantize the activations per 32-block to int8 (a relative error
-of up to 1/254 per element, random in sign), so the outputs differ from dequantize + F.linear by ~0.6%
-(relative Frobenius norm) on random data; we allow 2%. bf16 outputs add their own rounding (0.4%).
+Tolerance of the quantized GEMVs: the int4 GEMV quantizes the activations per 32-block to int8 (a
+relative error of up to 1/254 per element, random in sign), so its outputs differ from dequantize +
+F.linear by ~0.6% (relative Frobenius norm) on random data; we allow 2%. The int8 GEMV quantizes them
+to int16 (~2e-5 measured); we allow 1e-4. bf16 outputs add their own rounding (0.4%).
 """
 
 import math
@@ -17,6 +18,7 @@ from mistral7b.kernels import formats, native
 
 needs_native = pytest.mark.skipif(not kernels.native_available(), reason="native kernels unavailable")
 QUANT_RTOL = 2e-2
+INT8_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 def rel_err(a, b):
@@ -103,7 +105,7 @@ def test_int8_gemv_takes_minus_128():  # GGUF Q8_0 may hold it; |-128| is 128 as
     q[:, ::3] = 127
     s = torch.rand(4, 1)
     x = torch.randn(1, 64)
-    assert rel_err(kernels.int8_linear(x, q, s), F.linear(x, formats.dequantize_int8(q, s))) < QUANT_RTOL
+    assert rel_err(kernels.int8_linear(x, q, s), F.linear(x, formats.dequantize_int8(q, s))) < INT8_RTOL[torch.float32]
 
 
 @needs_native
@@ -115,7 +117,7 @@ def test_int8_linear_matches_reference(k, group, dtype, rows):
     x = torch.randn(rows, k).to(dtype)
     y = kernels.int8_linear(x, q, s)
     assert y.dtype == dtype and y.shape == (rows, 96)
-    assert rel_err(y, F.linear(x.float(), formats.dequantize_int8(q, s))) < QUANT_RTOL
+    assert rel_err(y, F.linear(x.float(), formats.dequantize_int8(q, s))) < INT8_RTOL[dtype]
 
 
 @needs_native

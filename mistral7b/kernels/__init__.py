@@ -7,13 +7,16 @@ memory bandwidth (~31 GB/s with 2 threads here), yet with 2 threads (AMD EPYC, A
   at ~80 ms of a ~100 ms fp32 SmolLM2-135M token.
 - torch's int4 kernel `_weight_int4pack_mm_for_cpu` moves ~6 GB/s (the project's profiling); `_weight_int8pack_mm` wants bf16
   activations and reaches 6-13 GB/s.
-So `kernels.cpp` does what llama.cpp does: quantize the activations per 32-block to int8 (+ fp32
-scale), dot them with the int8 or int4 weight blocks in integers (AVX2 maddubs/madd), scale and
-accumulate in fp32, rows split over threads. Speed per shape: benchmarks/kernels.py.
+So `kernels.cpp` does what llama.cpp does: quantize the activations per 32-block (+ fp32 scale),
+dot them with the weight blocks in integers (AVX2 maddubs/madd), scale and accumulate in fp32, rows
+split over threads. int4 weights take int8 activations; int8 weights take int16 activations, because
+with int8 ones the activations' error dominated the weights' (SmolLM2 perplexity +1.6-2.1% against
++0.2% for int8 G32). Speed per shape: benchmarks/kernels.py.
 
 Paths, by activation rows M = x.numel() // K:
 - M <= GEMV_MAX_ROWS (32): the native GEMV (the weight is read once for tiles of 4 rows). Its error
-  is that of the int8 activations: ~0.6% relative (Frobenius) against dequantize + F.linear.
+  is that of the quantized activations against dequantize + F.linear: ~0.6% relative (Frobenius)
+  for int4, ~2e-5 for int8.
 - larger M (prefill, compute-bound): dequantize a tile of weight rows into x.dtype, then matmul
   (`_tiled_linear`); at M = 32..64 the two meet (1 thread, 4096x4096 and 1536x576).
 - x on CUDA, x requiring grad (LoRA on a frozen quantized base), MISTRAL7B_NATIVE=0 or no native
@@ -28,6 +31,10 @@ Threads: the GEMVs split rows over torch's threads once each gets >= 32 KB of we
 busy with other jobs (load 5-10 on 2 cores), every 2-thread region waits for a descheduled thread:
 the 211 int4 GEMVs of a SmolLM2-135M token took 38-150 ms with 2 threads against 18-30 ms with 1
 (and 2-thread torch.add regions slowed alike), so there torch.set_num_threads(1) is the better choice.
+
+Decode: `decode_step` runs every transformer block of a decode step in one native call (decode.cpp,
+one OpenMP team for all layers, barriers between phases): at SmolLM2's size the per-op costs of the
+eager block (Python, dispatch, a thread fork/join per GEMV) were half of a token's time.
 
 All native ops are `torch.ops.mistral7b.*` with fake implementations: torch.compile traces the
 wrappers below and calls the ops as extern kernels.
@@ -47,7 +54,7 @@ from .formats import quantize_int4, quantize_int8
 from .native import native_available
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "int8_linear",
-           "int4_linear", "float_linear", "native_available"]
+           "int4_linear", "float_linear", "decode_step_available", "decode_step", "native_available"]
 
 # Most rows (M = x.numel() // K) the quantized GEMV takes; above, dequantize + matmul is faster.
 GEMV_MAX_ROWS = 32
@@ -120,3 +127,24 @@ def float_linear(x: Tensor, weight: Tensor) -> Tensor:
     if weight.dtype in (torch.bfloat16, torch.float32) and _native(x) and _few_rows(x):
         return torch.ops.mistral7b.float_gemv(x, weight)
     return F.linear(x, weight.to(x.dtype))
+
+
+def decode_step_available(x: Tensor, cache: Tensor) -> bool:
+    """Whether `decode_step` can run for activations x [B, dim] and a cache tensor."""
+    return _native(x) and _few_rows(x) and cache.is_cpu and cache.dtype in _DTYPES
+
+
+def decode_step(h: Tensor, weights: list[Tensor], linear_sizes: list[int], eps: float, n_heads: int,
+                n_kv_heads: int, k_cache: Tensor, v_cache: Tensor, write_dst: Tensor, used: int,
+                mask: Tensor | None, rope: Tensor) -> Tensor:
+    """Every transformer block of a decode step in one native call (decode.cpp): h [B, dim] -> [B, dim].
+
+    weights, per layer: attention_norm, ffn_norm, then the tensors of the fused qkv, wo, fused
+    gate_up and down projections, each [weight] (fp32/bf16), [qweight, scales] (int8) or
+    [qweight, scales, mins] (int4); linear_sizes [4 * layers] says how many tensors each has.
+    k_cache, v_cache [layers, rows, S, n_kv_heads, head_dim] receive the new keys/values at flat
+    slots write_dst [B] (row * S + slot); attention reads slots [0, used) of each row where
+    mask [B, used] allows (None: all). rope [B, head_dim / 2, 2]: cos and sin of each token's rotation.
+    """
+    return torch.ops.mistral7b.decode_step(h, weights, linear_sizes, eps, n_heads, n_kv_heads, k_cache, v_cache,
+                                           write_dst, used, mask, rope)

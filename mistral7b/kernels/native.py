@@ -1,7 +1,7 @@
-"""Builds and loads kernels.cpp (the `torch.ops.mistral7b.*` ops) on first use.
+"""Builds and loads kernels.cpp and decode.cpp (the `torch.ops.mistral7b.*` ops) on first use.
 
 The build goes to torch's extensions cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR),
-which persists across processes: only the first process after a change to kernels.cpp compiles
+which persists across processes: only the first process after a change to a source compiles
 (~35 s of compiler CPU time; 50-120 s wall on a busy 2-core machine).
 No compiler, a CPU without AVX2, or a failed build warn once and leave the pure-torch path in use.
 `MISTRAL7B_NATIVE=0` forces that path.
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "kernels.cpp", HERE / "decode.cpp"]
+HEADERS = [HERE / "gemv.h", HERE / "simd.h"]
 # -ffp-contract=off: dequantize rounds q * s, then + m, exactly as the pure-torch reference.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
@@ -44,8 +46,9 @@ def _build() -> bool:
 
         # One build folder per source and flags: processes running different versions (a long-lived
         # server beside tests of an edit) must not rebuild over each other's library.
-        digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
-        cpp_extension.load(name=f"mistral7b_kernels_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+        digest = hashlib.sha1(code + " ".join(FLAGS).encode()).hexdigest()[:10]
+        cpp_extension.load(name=f"mistral7b_kernels_{digest}", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, headers or ninja: any failure means "use the fallback"
         warnings.warn(f"mistral7b.kernels: native build failed, using pure torch: {e}", stacklevel=3)
@@ -68,3 +71,4 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"mistral7b::{name}", gemv)
     for name in ("dequantize_int8", "dequantize_int4"):
         torch.library.register_fake(f"mistral7b::{name}", dequantize)
+    torch.library.register_fake("mistral7b::decode_step", lambda h, *_: torch.empty_like(h))
