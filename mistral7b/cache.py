@@ -166,21 +166,22 @@ class KVCache:
     def _decode_plan(self, rows: list[int], row_index: slice | torch.Tensor, starts: list[int]) -> StepPlan:
         """One token per sequence (batched decode): each token's K/V go straight into its slot
         (p % S overwrites position p - S, which the window no longer shows) and attention reads
-        the rows' first `used` slots in place, with no copy of the cache."""
+        the rows' first `used` slots in place, with no copy of the cache.
+
+        Planned from Python ints (small tensor ops cost ~30 us each here, a token's budget is ~10 ms):
+        slots fill from 0 up (p % S) and a rolling row keeps exactly the last S = W positions, so
+        after the write a row at position p holds valid keys in slots [0, min(p + 1, S)) and
+        nothing else; the mask only marks each row's filled prefix."""
         device = self.device
+        fills = [min(p + 1, self.slots) for p in starts]
+        used = max(fills)
         positions = torch.tensor(starts, device=device)  # [B]
-        slot = positions % self.slots
-        used = max(min(p + 1, self.slots) for p in starts)
-        k_pos = self.slot_pos[row_index, :used].clone()  # [B, used], as it will be after the write
-        k_pos.scatter_(1, slot[:, None], positions[:, None])
-        q = positions[:, None]
-        valid = (k_pos >= 0) & (k_pos <= q)
-        if self.window is not None:
-            valid &= (q - k_pos) < self.window
-        mask = None if bool(valid.all()) else valid[:, None, None, :]  # [B, 1, 1, used]
-        return StepPlan(positions=positions, pad_index=None, batch=len(rows), length=1, mask=mask, rows=row_index, used_slots=used,
-                        write_src=None, write_dst=torch.tensor(rows, device=device) * self.slots + slot,
-                        new_slot_pos=positions, decode=True)
+        write_dst = torch.tensor([r * self.slots + p % self.slots for r, p in zip(rows, starts)], device=device)
+        mask = None
+        if min(fills) < used:  # [B, 1, 1, used]
+            mask = (torch.arange(used, device=device) < torch.tensor(fills, device=device)[:, None])[:, None, None, :]
+        return StepPlan(positions=positions, pad_index=None, batch=len(rows), length=1, mask=mask, rows=row_index,
+                        used_slots=used, write_src=None, write_dst=write_dst, new_slot_pos=positions, decode=True)
 
     def append_and_read(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor):
         """Decode: store k, v [B, n_kv_heads, head_dim] in their slots, then return the rows'

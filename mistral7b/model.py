@@ -258,10 +258,11 @@ class Transformer(nn.Module):
             layer.feed_forward.fuse()
         return self
 
-    def _native_decode(self, h: torch.Tensor, rope: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor | None:
-        """Every block of a decode step as one native call (kernels.decode_step), h [B, dim] -> [B, dim];
-        None where that does not apply (autograd, many rows, a block it cannot run)."""
-        if not kernels.decode_step_available(h, cache.k):
+    def _native_decode(self, h: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor | None:
+        """Every block of a decode step and the final norm as one native call (kernels.decode_step),
+        h [B, dim] -> norm(h after the blocks) [B, dim]; None where that does not apply (autograd,
+        many rows, a block it cannot run)."""
+        if not kernels.decode_step_available(h, cache.k) or type(self.norm) is not RMSNorm:
             return None
         blocks = [layer.native_weights() for layer in self.layers]
         if any(b is None for b in blocks):
@@ -272,8 +273,8 @@ class Transformer(nn.Module):
         mask = None if plan.mask is None else plan.mask[:, 0, 0]  # [B, used]
         attn = self.layers[0].attention
         return kernels.decode_step(h, *self._native_flat, self.args.norm_eps, attn.n_heads, attn.n_kv_heads,
-                                   cache.k, cache.v, plan.write_dst, plan.used_slots, mask,
-                                   torch.view_as_real(rope[:, 0]))
+                                   cache.k, cache.v, plan.write_dst, plan.used_slots, mask, plan.positions,
+                                   self.args.rope_theta, self.norm.weight)
 
     def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
         """A KV cache in this model's dtype and device (W slots per sequence for windowed models)."""
@@ -294,16 +295,15 @@ class Transformer(nn.Module):
             plan = plan_without_cache(seqlens, self.args.sliding_window, input_ids.device)
         else:
             plan = cache.plan(seqlens, rows)
-        rope = rope_rotation(plan.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(input_ids)  # [T, dim]
-        native = self._native_decode(h, rope, plan, cache) if plan.decode else None
-        if native is not None:
-            h = native
-        else:
+        normed = self._native_decode(h, plan, cache) if plan.decode else None  # all blocks, then the norm
+        if normed is None:
+            rope = rope_rotation(plan.positions, self.args.head_dim, self.args.rope_theta)
             for i, layer in enumerate(self.layers):
                 h = layer(h, rope, plan, cache, i)
+            normed = self.norm(h if output_rows is None else h[output_rows])
+        elif output_rows is not None:
+            normed = normed[output_rows]
         if cache is not None:
             cache.commit(plan, seqlens, rows)
-        if output_rows is not None:
-            h = h[output_rows]
-        return self.output(self.norm(h)).float()
+        return self.output(normed).float()

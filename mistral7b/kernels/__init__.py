@@ -136,15 +136,16 @@ def decode_step_available(x: Tensor, cache: Tensor) -> bool:
 
 def decode_step(h: Tensor, weights: list[Tensor], linear_sizes: list[int], eps: float, n_heads: int,
                 n_kv_heads: int, k_cache: Tensor, v_cache: Tensor, write_dst: Tensor, used: int,
-                mask: Tensor | None, rope: Tensor) -> Tensor:
-    """Every transformer block of a decode step in one native call (decode.cpp): h [B, dim] -> [B, dim].
+                mask: Tensor | None, positions: Tensor, rope_theta: float, final_norm: Tensor | None = None) -> Tensor:
+    """Every transformer block of a decode step in one native call (decode.cpp): h [B, dim] -> [B, dim],
+    RMSNorm-ed by final_norm [dim] when given.
 
     weights, per layer: attention_norm, ffn_norm, then the tensors of the fused qkv, wo, fused
     gate_up and down projections, each [weight] (fp32/bf16), [qweight, scales] (int8) or
     [qweight, scales, mins] (int4); linear_sizes [4 * layers] says how many tensors each has.
     k_cache, v_cache [layers, rows, S, n_kv_heads, head_dim] receive the new keys/values at flat
     slots write_dst [B] (row * S + slot); attention reads slots [0, used) of each row where
-    mask [B, used] allows (None: all). rope [B, head_dim / 2, 2]: cos and sin of each token's rotation.
+    mask [B, used] allows (None: all). positions [B] and rope_theta give each token's RoPE rotation.
     """
     return torch.ops.mistral7b.decode_step(h, weights, linear_sizes, eps, n_heads, n_kv_heads, k_cache, v_cache,
-                                           write_dst, used, mask, rope)
+                                           write_dst, used, mask, positions, rope_theta, final_norm)

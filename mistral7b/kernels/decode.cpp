@@ -157,7 +157,7 @@ struct Step {
   float eps;
   const int64_t* write_dst;  // [B] flat slot index row * S + slot
   const bool* mask;          // [B, used] or nullptr
-  const float* rot;          // [B, hd / 2, 2]
+  const float* rot;          // [B, hd / 2, 2]: cos, sin of each token's RoPE angles
 };
 
 struct LayerWeights {
@@ -252,15 +252,15 @@ at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous();
 
 }  // namespace
 
-// h [B, D] (model dtype) -> h after every block [B, D]. weights: per layer attention_norm, ffn_norm,
-// then the tensors of qkv, wo, gate_up and down, linear_sizes [4 * layers] telling how many each
-// (see Linear). k_cache, v_cache [layers, rows, S, Hkv, hd] get the new keys/values at flat slots
-// write_dst [B] (row * S + slot); attention reads slots [0, used) of each row where mask [B, used]
-// allows (None: all); rope [B, hd / 2, 2] (cos, sin) per token.
+// h [B, D] (model dtype) -> h after every block [B, D], then RMSNorm-ed by final_norm if given.
+// weights: per layer attention_norm, ffn_norm, then the tensors of qkv, wo, gate_up and down,
+// linear_sizes [4 * layers] telling how many each (see Linear). k_cache, v_cache [layers, rows, S,
+// Hkv, hd] get the new keys/values at flat slots write_dst [B] (row * S + slot); attention reads
+// slots [0, used) of each row where mask [B, used] allows (None: all); positions [B] set RoPE.
 at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArrayRef linear_sizes, double eps,
                        int64_t n_heads, int64_t n_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
                        const at::Tensor& write_dst, int64_t used, const c10::optional<at::Tensor>& mask,
-                       const at::Tensor& rope_rot) {
+                       const at::Tensor& positions, double rope_theta, const c10::optional<at::Tensor>& final_norm) {
   TORCH_CHECK(h.dim() == 2, "decode_step: h must be [B, D]");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -275,9 +275,18 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
   const auto dst = write_dst.to(at::kLong).contiguous();
   TORCH_CHECK(dst.numel() == s.B, "decode_step: write_dst must have B entries");
   s.write_dst = dst.data_ptr<int64_t>();
-  const auto rot = as_float(rope_rot);
-  TORCH_CHECK(rot.numel() == s.B * s.hd, "decode_step: rope must be [B, hd / 2, 2]");
-  s.rot = rot.data_ptr<float>();
+  const auto pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == s.B, "decode_step: positions must have B entries");
+  std::vector<float> rot(s.B * s.hd);  // [B, hd / 2, (cos, sin)], in fp32 as model.rope_rotation
+  for (int64_t i = 0; i < s.hd / 2; ++i) {
+    const float inv_freq = 1.f / std::pow(static_cast<float>(rope_theta), static_cast<float>(2 * i) / static_cast<float>(s.hd));
+    for (int64_t b = 0; b < s.B; ++b) {
+      const float angle = static_cast<float>(pos.data_ptr<int64_t>()[b]) * inv_freq;
+      rot[b * s.hd + 2 * i] = std::cos(angle);
+      rot[b * s.hd + 2 * i + 1] = std::sin(angle);
+    }
+  }
+  s.rot = rot.data();
   at::Tensor valid;
   if (mask) {
     valid = mask->to(at::kBool).contiguous();
@@ -318,6 +327,13 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
     using C = decltype(tag);
     run_step(s, layers, x.data_ptr<float>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>());
   });
+  if (final_norm) {
+    const auto weight = as_float(*final_norm);
+    TORCH_CHECK(weight.numel() == s.D, "decode_step: final_norm must have D entries");
+    auto normed = at::empty_like(x);
+    rms_norm(x.data_ptr<float>(), weight.data_ptr<float>(), s.B, s.D, s.eps, normed.data_ptr<float>());
+    x = normed;
+  }
   return x.to(h.scalar_type());
 }
 
@@ -325,7 +341,8 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
 
 TORCH_LIBRARY_FRAGMENT(mistral7b, m) {
   m.def("decode_step(Tensor h, Tensor[] weights, int[] linear_sizes, float eps, int n_heads, int n_kv_heads, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor write_dst, int used, Tensor? mask, Tensor rope) -> Tensor");
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor write_dst, int used, Tensor? mask, Tensor positions, "
+        "float rope_theta, Tensor? final_norm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral7b, CPU, m) { m.impl("decode_step", &mistral7b::decode_step); }
