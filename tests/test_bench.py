@@ -48,12 +48,26 @@ def test_bench_tiny_model_against_transformers(tiny_hf, tmp_path):
     assert "| ours " in out.stdout and "| transformers " in out.stdout and "fp32 / transformers fp32" in out.stdout
 
 
+def test_bench_rounds_report_the_median_of_turns(tiny_hf, tmp_path):
+    _, folder = tiny_hf
+    out = run_cli("bench", "--model", str(folder), "--configs", "fp32", "--peers", "none", *TINY_WORKLOAD,
+                  "--rounds", "3", "--bandwidth-mib", "64", "--json", str(tmp_path / "bench.json"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = report["rows"]
+    assert report["workload"]["rounds"] == 3 and len(row["rounds"]) == 3
+    for speed in SPEEDS:
+        assert row[speed] == sorted(r[speed] for r in row["rounds"])[1]
+    assert "x 3 round(s)" in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "no such file"),
     (["--configs", "fp64"], "'fp64' is not a config"),
     (["--configs", "bf16+int3"], "'bf16+int3' is not a config"),
     (["--peers", "vllm"], "unknown peer(s) vllm"),
     (["--batch", "0"], "--batch must be at least 1"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
     (["--json", "/nonexistent/bench.json"], "its folder does not exist"),
 ])
 def test_bench_user_errors_are_one_line(args, message, capsys):

@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from ..errors import InputError
 from .report import add_bandwidth, add_ratios, ratio_table, speed_table
@@ -57,6 +59,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "only), or none (default: both)")
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="timed passes after the warm-up; the median is reported (default: 3)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run every engine N times, taking turns (ours, peers, ours, ...), and report the "
+                        "median of the rounds: on a machine whose speed drifts, ratios then compare engines "
+                        "measured side by side (default: 1)")
     p.add_argument("--bandwidth-mib", type=int, default=1024, metavar="N",
                    help="size of the buffer summed to measure memory bandwidth; keep it well above the CPU's "
                         "caches (default: 1024)")
@@ -103,7 +109,7 @@ def parse_peers(spec: str) -> list[str]:
 
 def _check_flags(args) -> None:
     """Fail before the minutes of measuring, not after."""
-    for flag in ("prompt_tokens", "decode_tokens", "batch", "repeat", "threads", "group_size", "bandwidth_mib"):
+    for flag in ("prompt_tokens", "decode_tokens", "batch", "repeat", "rounds", "threads", "group_size", "bandwidth_mib"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -153,25 +159,41 @@ def _machine(threads: int) -> dict:
             "llama_cpp_python": version("llama_cpp_python"), "platform": platform.platform()}
 
 
-def _peer_rows(workers: Workers, peers: list[str], configs: list[Config], fmt: str, path: Path, tmp: Path,
-               base: dict) -> list[dict]:
-    rows = []
+def _peer_runs(workers: Workers, peers: list[str], configs: list[Config], fmt: str, path: Path, tmp: Path,
+               base: dict) -> list[tuple[dict, Callable[[], dict]]]:
+    """(row head, a function running the peer) per peer row; the transformers copy is written once here."""
+    runs = []
     if "transformers" in peers:
-        dtypes = list(dict.fromkeys(c.dtype for c in configs))
         hf_dir, skipped = path, None
         if fmt != "hf":  # transformers reads our export of the same weights
             hf_dir = tmp / "hf"
             skipped = workers.run("export", "writing a Hugging Face copy for transformers",
                                   model=str(path), out=str(hf_dir)).get("skipped")
-        for dtype in dtypes:
-            row = {"skipped": skipped} if skipped else workers.run(
-                "transformers", f"transformers {dtype}", **base, hf_dir=str(hf_dir), dtype=dtype)
-            rows.append({"engine": "transformers", "config": dtype, **row})
+        for dtype in dict.fromkeys(c.dtype for c in configs):
+            runs.append(({"engine": "transformers", "config": dtype}, (lambda: {"skipped": skipped}) if skipped else
+                         lambda dtype=dtype: workers.run("transformers", f"transformers {dtype}", **base,
+                                                         hf_dir=str(hf_dir), dtype=dtype)))
     if "llama.cpp" in peers:
-        row = (workers.run("llama.cpp", "llama.cpp", **base) if fmt == "gguf"
-               else {"skipped": "llama.cpp reads GGUF files only"})
-        rows.append({"engine": "llama.cpp", "config": row.pop("config", "gguf"), **row})
-    return rows
+        runs.append(({"engine": "llama.cpp", "config": "gguf"},
+                     (lambda: workers.run("llama.cpp", "llama.cpp", **base)) if fmt == "gguf"
+                     else lambda: {"skipped": "llama.cpp reads GGUF files only"}))
+    return runs
+
+
+TIMINGS = ("prefill_tok_s", "decode_b1_tok_s", "decode_bn_tok_s")
+
+
+def _median_of_rounds(head: dict, results: list[dict]) -> dict:
+    """One row from a run's results over the rounds: the median of each timing, every round kept."""
+    done = [r for r in results if "skipped" not in r]
+    if not done:
+        return {**head, **results[0]}
+    row = {**head, **done[0]}
+    row.update({key: statistics.median(r[key] for r in done) for key in TIMINGS})
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in done)
+    if len(done) > 1:
+        row["rounds"] = [{key: r[key] for key in TIMINGS} for r in done]
+    return row
 
 
 def run(args) -> None:
@@ -196,10 +218,15 @@ def run(args) -> None:
     bandwidth_gb_s = measure_bandwidth(threads, args.bandwidth_mib * 2**20)
     with tempfile.TemporaryDirectory(prefix="mistral7b-bench-") as tmp:
         workers = Workers(Path(tmp))
-        rows = [{"engine": "ours", "config": c.label, "dtype": c.dtype,
-                 **workers.run("ours", f"ours {c.label}", **base, dtype=c.dtype, quantize=c.quantize,
-                               group_size=args.group_size)} for c in configs]
-        rows += _peer_rows(workers, peers, configs, fmt, path, Path(tmp), base)
+        runs = [({"engine": "ours", "config": c.label, "dtype": c.dtype},
+                 lambda c=c: workers.run("ours", f"ours {c.label}", **base, dtype=c.dtype, quantize=c.quantize,
+                                         group_size=args.group_size)) for c in configs]
+        runs += _peer_runs(workers, peers, configs, fmt, path, Path(tmp), base)
+        results: list[list[dict]] = [[] for _ in runs]
+        for _ in range(args.rounds):  # engines take turns, so each round compares them side by side
+            for (_, run_engine), kept in zip(runs, results):
+                kept.append(run_engine())
+        rows = [_median_of_rounds(head, kept) for (head, _), kept in zip(runs, results)]
     # Decode step j (0-based) of batch 1 attends to prompt_tokens + j + 1 keys: on average this many.
     mean_context = args.prompt_tokens + (args.decode_tokens + 1) / 2
     for row in rows:
@@ -207,7 +234,7 @@ def run(args) -> None:
     add_ratios(rows)
 
     print(f"{path.name}: {args.prompt_tokens} prompt tokens, {args.decode_tokens} decoded, batch {args.batch}, "
-          f"{threads} threads, median of {args.repeat}; memory bandwidth {bandwidth_gb_s:.1f} GB/s "
+          f"{threads} threads, median of {args.repeat} passes x {args.rounds} round(s); memory bandwidth {bandwidth_gb_s:.1f} GB/s "
           f"(load average {machine['load_average']:.1f} at the start)")
     print(speed_table(rows, args.batch, bandwidth_gb_s))
     ratios = ratio_table(rows, args.batch)
@@ -218,7 +245,7 @@ def run(args) -> None:
         report = {"command": shlex.join(["mistral7b", *sys.argv[1:]]), "machine": machine,
                   "model": {"path": str(path), "format": fmt, "parameters": model_args.n_params},
                   "workload": {"prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
-                               "batch": args.batch, "repeat": args.repeat, "greedy": True, "ignore_eos": True},
+                               "batch": args.batch, "repeat": args.repeat, "rounds": args.rounds, "greedy": True, "ignore_eos": True},
                   "bandwidth_gb_s": bandwidth_gb_s, "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
