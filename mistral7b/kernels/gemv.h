@@ -29,8 +29,8 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 // x [M, K] quantized per 32-block: q [M, K] int8 with q * d ~ x, d [M, K/32] (or, `wide`, q16 int16
 // with q16 * d ~ x: for int8 weights, whose own error is small enough that int8 activations would
 // dominate it: +1.6-2.1% perplexity on SmolLM2 against +0.2% with int16). Per weight group
-// [M, K/G]: gsum, the exact sum of x (the int4 min term is min * gsum), and gerr, gsum minus the sum
-// of the quantized x (the int4 centring term, see quantized_rows). grp [K/32] maps a block to its
+// [M, K/G]: gsum, the exact sum of x (the int4 min term is min * gsum), and gerr, 7.5 x (gsum minus
+// the sum of the quantized x) (the int4 centring term, see quantized_rows). grp [K/32] maps a block to its
 // group. Reused per calling thread to spare allocations per call.
 struct Activations {
   std::vector<int8_t> q;
@@ -72,7 +72,7 @@ Activations& quantize_activations(const T* x, int64_t M, int64_t K, int64_t G, b
       const float xsum = hsum(sum);
       a.d[m * nb + b] = d;
       a.gsum[m * ng + a.grp[b]] += xsum;
-      a.gerr[m * ng + a.grp[b]] += xsum - d * hsum(_mm256_cvtepi32_ps(isum));
+      a.gerr[m * ng + a.grp[b]] += 7.5f * (xsum - d * hsum(_mm256_cvtepi32_ps(isum)));
       if (wide) {  // packs interleaves 128-bit lanes: 0xD8 puts the quarters back in order
         auto* out = reinterpret_cast<__m256i*>(a.q16.data() + m * K + b * QK);
         _mm256_storeu_si256(out, _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
@@ -129,7 +129,25 @@ struct Int4Block {
 // two blocks per step into two accumulators to hide the fma latency.
 // int4: w = q s + m with q in 0..15 and the activations x ~ xq d. Summing s q xq d + m x leaves the
 // error s q (xq d - x), as large as the weight range; adding 7.5 s (x - xq d) centres it to
-// s (q - 7.5) (xq d - x), halving it, at the cost of one dot of length K/G per row (gerr).
+// s (q - 7.5) (xq d - x), halving it. Both per-group terms, min * gsum + s * gerr, are summed per row
+// in one vector pass over the groups (group_terms), in the accumulator before its horizontal sum.
+// acc + min[g] * gsum[g] + scale[g] * gerr[g] over g < ng, 8 groups a step (the tail masked).
+inline __m256 group_terms(__m256 acc, const float* min, const float* scale, const float* gsum, const float* gerr,
+                          int64_t ng) {
+  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t g = 0;
+  for (; g + 8 <= ng; g += 8) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(min + g), _mm256_loadu_ps(gsum + g), acc);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(scale + g), _mm256_loadu_ps(gerr + g), acc);
+  }
+  if (g < ng) {
+    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (ng - g)));
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(min + g, mask), _mm256_maskload_ps(gsum + g, mask), acc);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(scale + g, mask), _mm256_maskload_ps(gerr + g, mask), acc);
+  }
+  return acc;
+}
+
 template <typename Block, int R, typename T>
 void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const float* scales,
                     const float* mins, int64_t K, int64_t G, int64_t N, int64_t n0, int64_t n1, T* out) {
@@ -141,6 +159,7 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const f
     xd[r] = a.d.data() + (m0 + r) * nb;
   }
   const int32_t* grp = a.grp.data();
+  const bool per_block = G == QK;  // loop-invariant: the compiler unswitches the loop on it
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * row_bytes;
     const float* s = scales + n * ng;
@@ -150,7 +169,7 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const f
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     auto step = [&](int64_t b, int u) {
       const __m256i w = Block::load(row, b);
-      const float sw = s[grp[b]];
+      const float sw = s[per_block ? b : grp[b]];
       for (int r = 0; r < R; ++r) {
         const __m256i p = Block::dot(w, xq[r] + b * QK);
         acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sw * xd[r][b]), acc[r][u]);
@@ -164,12 +183,9 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const f
     }
     if (b < nb) step(b, 0);
     for (int r = 0; r < R; ++r) {
-      float y = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-      if (mins) {
-        y += dot(mins + n * ng, a.gsum.data() + (m0 + r) * ng, ng);
-        y += 7.5f * dot(s, a.gerr.data() + (m0 + r) * ng, ng);
-      }
-      out[(m0 + r) * N + n] = static_cast<T>(y);
+      __m256 total = _mm256_add_ps(acc[r][0], acc[r][1]);
+      if (mins) total = group_terms(total, mins + n * ng, s, a.gsum.data() + (m0 + r) * ng, a.gerr.data() + (m0 + r) * ng, ng);
+      out[(m0 + r) * N + n] = static_cast<T>(hsum(total));
     }
   }
 }
