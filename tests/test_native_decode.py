@@ -78,6 +78,14 @@ def test_grouped_heads_and_wide_head_dim(monkeypatch):
     assert (native - eager).abs().max().item() < 1e-4
 
 
+def test_long_rows_split_over_threads_with_a_mask(monkeypatch):
+    """Rows long enough (>= 64 slots) that attention cuts their slots into ranges merged afterwards,
+    in batches whose rows have different lengths (a mask) and alone."""
+    model = tiny(None, dim=48, head_dim=24, hidden_dim=96, n_heads=4, n_kv_heads=1)
+    native, eager = both_paths(model, monkeypatch, lengths=(70, 3), steps=30, max_len=256)
+    assert (native - eager).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_equals_eager(monkeypatch, mode):
     native, eager = both_paths(quantize(tiny(), mode), monkeypatch)

@@ -123,27 +123,87 @@ inline float dot_cached(const float* q, const C* k, int64_t hd) {
   return hsum(acc);
 }
 
-// One query head against `used` cached slots: keys/values of slot j at k + j * stride, mask [used]
-// (nullptr: all valid). scores: scratch [used]. out [hd] fp32.
 template <typename C>
-void attend_head(const float* q, const C* k, const C* v, int64_t stride, int64_t used, int64_t hd,
-                 const bool* mask, float scale, float* scores, float* out) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < used; ++j) {
-    scores[j] = (mask && !mask[j]) ? -std::numeric_limits<float>::infinity() : dot_cached(q, k + j * stride, hd) * scale;
-    top = std::max(top, scores[j]);
+inline void prefetch_slot(const C* p, int64_t hd) {
+  for (int64_t i = 0; i < hd * static_cast<int64_t>(sizeof(C)); i += 64) prefetch(reinterpret_cast<const char*>(p) + i);
+}
+
+// Attention of the `group` query heads q [group, hd] that share one kv head over cached slots
+// [j0, j1): keys and values of slot j at k + j * stride and v + j * stride, each read once for the
+// whole group (and prefetched ahead: the cache comes from DRAM); mask [used] (nullptr: all valid).
+// Leaves, per head g, the unnormalized partial out[g] = sum_j e^(s_j - top[g]) v_j [hd] and
+// total[g] = sum_j e^(s_j - top[g]), for merge_partials. scores: scratch [group, j1 - j0].
+template <typename C>
+void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t stride, int64_t j0, int64_t j1,
+                  int64_t hd, const bool* mask, float scale, float* scores, float* out, float* top, float* total) {
+  constexpr int64_t ahead = 6;  // slots prefetched ahead
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t n = j1 - j0;
+  for (int64_t j = j0; j < j1; ++j) {
+    prefetch_slot(k + (j + ahead) * stride, hd);
+    const bool valid = !mask || mask[j];
+    for (int64_t g = 0; g < group; ++g)
+      scores[g * n + j - j0] = valid ? dot_cached(q + g * hd, k + j * stride, hd) * scale : neg_inf;
   }
-  float total = 0.f;
-  for (int64_t j = 0; j < used; ++j) total += (scores[j] = std::exp(scores[j] - top));
-  for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
-  for (int64_t j = 0; j < used; ++j) {
-    if (scores[j] == 0.f) continue;  // masked
-    const __m256 p = _mm256_set1_ps(scores[j]);
+  for (int64_t g = 0; g < group; ++g) {  // e^(s - top) in place, 8 slots a step
+    float* sg = scores + g * n;
+    top[g] = n ? *std::max_element(sg, sg + n) : neg_inf;
+    total[g] = 0.f;
+    if (top[g] == neg_inf) continue;  // nothing valid here: no weight at all
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      // exp8 clamps: a masked slot (-inf) gets ~1e-38, zeroed by the blend
+      const __m256 x = _mm256_loadu_ps(sg + j);
+      const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(x, _mm256_set1_ps(top[g]))), _mm256_setzero_ps(),
+                                        _mm256_cmp_ps(x, _mm256_set1_ps(neg_inf), _CMP_EQ_OQ));
+      _mm256_storeu_ps(sg + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    total[g] = hsum(sum);
+    for (; j < n; ++j) total[g] += (sg[j] = std::exp(sg[j] - top[g]));
+  }
+  std::fill(out, out + group * hd, 0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    prefetch_slot(v + (j + ahead) * stride, hd);
+    if (mask && !mask[j]) continue;
     const C* vj = v + j * stride;
-    for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, load8(vj + i), _mm256_loadu_ps(out + i)));
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 vv = load8(vj + i);
+      for (int64_t g = 0; g < group; ++g)
+        _mm256_storeu_ps(out + g * hd + i, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * n + j - j0]), vv,
+                                                           _mm256_loadu_ps(out + g * hd + i)));
+    }
   }
-  const __m256 inv = _mm256_set1_ps(1.f / total);
-  for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inv));
+}
+
+// Softmax-weighted output of one head from `parts` partials over disjoint slot ranges:
+// out = sum_c e^(top_c - M) out_c / sum_c e^(top_c - M) total_c, M = max_c top_c. part c's vector is
+// at outs + c * part_stride, its top and total at tops[c * tt_stride], totals[c * tt_stride].
+void merge_partials(int64_t parts, const float* outs, int64_t part_stride, const float* tops, const float* totals,
+                    int64_t tt_stride, int64_t hd, float* out) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < parts; ++c) top = std::max(top, tops[c * tt_stride]);
+  float denom = 0.f;
+  std::fill(out, out + hd, 0.f);
+  for (int64_t c = 0; c < parts; ++c) {
+    if (totals[c * tt_stride] == 0.f) continue;
+    const float w = std::exp(tops[c * tt_stride] - top);
+    denom += w * totals[c * tt_stride];
+    for (int64_t i = 0; i < hd; ++i) out[i] += w * outs[c * part_stride + i];
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] /= denom;
+}
+
+// out[i] = silu(gate[i]) * up[i] for i in [i0, i1).
+void silu_mul(const float* gate, const float* up, int64_t i0, int64_t i1, float* out) {
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sig = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(sig, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < i1; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
 template <typename C>
@@ -176,11 +236,17 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
   // Shared buffers: qkv [B, width], attention output [B, H hd], projections [B, max(D, 2F)], act [B, F].
   std::vector<float> qkv(B * width), attn(B * H * hd), proj(B * std::max(D, 2 * F)), act(B * F);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  // Attention: enough slot ranges per (row, kv head) for every thread to get work, none under 32 slots.
+  const int64_t group = H / Hkv, threads = std::max(1, at::get_num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(s.used / 32, (2 * threads + B * Hkv - 1) / (B * Hkv)));
+  std::vector<float> partial(B * Hkv * chunks * group * hd), tops(B * Hkv * chunks * group), totals(tops.size());
 
-#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+#pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> xn(B * D), scores(s.used);
+    std::vector<float> xn(B * D), scores(group * s.used);
+    const auto [a0, a1] = share(B * Hkv * chunks, tid, nth);  // attention tasks: (row, kv head, slot range)
+    const auto [m0, m1] = share(B * H, tid, nth);              // merges: (row, head)
     // Adds proj[:, n0:n1] (row stride N) into x's columns n0..n1: the rows this thread computed.
     auto add_rows = [&](int64_t N, int64_t n0, int64_t n1) {
       for (int64_t b = 0; b < B; ++b)
@@ -206,12 +272,22 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
         else if (head >= H) store(kc + s.write_dst[b] * kv + (head - H) * hd, v, hd);
       }
 #pragma omp barrier
-      // Each query head over its row's first `used` slots.
-      auto [a0, a1] = share(B * H, tid, nth);
+      // Each kv head's query heads over its row's first `used` slots, the slots cut into `chunks`
+      // ranges so that every thread streams its share of the cache; partials merged after a barrier.
       for (int64_t t = a0; t < a1; ++t) {
-        const int64_t b = t / H, head = t % H, base = s.write_dst[b] / s.S * s.S * kv + head / (H / Hkv) * hd;
-        attend_head(qkv.data() + b * width + head * hd, kc + base, vc + base, kv, s.used, hd,
-                    s.mask ? s.mask + b * s.used : nullptr, scale, scores.data(), attn.data() + b * H * hd + head * hd);
+        const int64_t c = t % chunks, bk = t / chunks, b = bk / Hkv, kvh = bk % Hkv;
+        const int64_t base = s.write_dst[b] / s.S * s.S * kv + kvh * hd;
+        const int64_t j0 = s.used * c / chunks, j1 = s.used * (c + 1) / chunks;
+        attend_slots(qkv.data() + b * width + kvh * group * hd, group, kc + base, vc + base, kv, j0, j1, hd,
+                     s.mask ? s.mask + b * s.used : nullptr, scale, scores.data(), partial.data() + t * group * hd,
+                     tops.data() + t * group, totals.data() + t * group);
+      }
+#pragma omp barrier
+      for (int64_t t = m0; t < m1; ++t) {  // t = (b, kv head, head in group)
+        const int64_t bk = t / group, g = t % group;
+        merge_partials(chunks, partial.data() + (bk * chunks * group + g) * hd, group * hd,
+                       tops.data() + bk * chunks * group + g, totals.data() + bk * chunks * group + g, group, hd,
+                       attn.data() + (bk * group + g) * hd);
       }
 #pragma omp barrier
       // x += wo(attn)
@@ -224,11 +300,7 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
       auto [f0, f1] = share(F, tid, nth);
       gemv_rows(w.gate_up, xn.data(), B, f0, f1, proj.data());
       gemv_rows(w.gate_up, xn.data(), B, F + f0, F + f1, proj.data());
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = f0; i < f1; ++i) {
-          const float gate = proj[b * 2 * F + i];
-          act[b * F + i] = gate / (1.f + std::exp(-gate)) * proj[b * 2 * F + F + i];
-        }
+      for (int64_t b = 0; b < B; ++b) silu_mul(proj.data() + b * 2 * F, proj.data() + b * 2 * F + F, f0, f1, act.data() + b * F);
 #pragma omp barrier
       // x += w2(act)
       gemv_rows(w.down, act.data(), B, o0, o1, proj.data());
