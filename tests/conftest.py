@@ -55,17 +55,21 @@ def tiny_pair(request, tmp_path_factory):
     return hf_model, ours, TINY_CONFIGS[request.param]["sliding_window"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    """Our model alone, config w4, built directly from ModelArgs."""
+def make_tiny_model(**overrides):
+    """Our model alone, built directly from ModelArgs: config w4 unless `overrides` change it."""
     import mistral7b
 
     torch.manual_seed(0)
-    args = mistral7b.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
-                               norm_eps=1e-5, vocab_size=128, sliding_window=4)
-    model = mistral7b.Transformer(args).eval()
+    config = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                  vocab_size=128, sliding_window=4)
+    model = mistral7b.Transformer(mistral7b.ModelArgs(**{**config, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.1)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model()

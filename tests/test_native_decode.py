@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-import mistral7b
+from conftest import make_tiny_model
 from mistral7b import kernels
 from mistral7b.lora import LoRAConfig, apply_lora
 from mistral7b.model import Transformer
@@ -22,15 +22,7 @@ pytestmark = needs_native
 
 
 def tiny(window=4, **overrides):
-    torch.manual_seed(0)
-    args = mistral7b.ModelArgs(**{**dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
-                                         norm_eps=1e-5, vocab_size=128, sliding_window=window), **overrides})
-    model = Transformer(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    return model
+    return make_tiny_model(sliding_window=window, **overrides)
 
 
 def decode_logits(model, lengths=(5, 2, 9), steps=14, max_len=None):

@@ -310,16 +310,6 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
   }
 }
 
-template <typename Fn>
-void dispatch_cache(at::ScalarType t, Fn fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, "decode_step: cache must be float32, bfloat16 or float16, got ", t);
-  }
-}
-
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 }  // namespace
@@ -395,7 +385,7 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
   TORCH_CHECK(next == weights.size(), "decode_step: more weights than linear_sizes describe");
 
   auto x = h.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  dispatch_cache(k_cache.scalar_type(), [&](auto tag) {
+  dispatch_float(k_cache.scalar_type(), [&](auto tag) {
     using C = decltype(tag);
     run_step(s, layers, x.data_ptr<float>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>());
   });

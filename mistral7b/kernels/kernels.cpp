@@ -27,16 +27,6 @@ void over_rows(int64_t M, int64_t N, int64_t row_bytes, Kernel kernel) {
   });
 }
 
-template <typename Fn>
-void dispatch_float(at::ScalarType t, Fn fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, "mistral7b kernels: expected float32, bfloat16 or float16, got ", t);
-  }
-}
-
 // Contiguous fp32 without a dispatch when it already is (the common case, per decode call).
 at::Tensor contiguous_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.contiguous().to(at::kFloat);

@@ -1,12 +1,25 @@
 // AVX2 helpers shared by the kernels: fp32 <-> storage types 8 lanes at a time, horizontal sums.
 #pragma once
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
 
 namespace mistral7b {
+
+// Calls fn(T{}) for the C++ type T of a float32, bfloat16 or float16 dtype.
+template <typename Fn>
+void dispatch_float(c10::ScalarType t, Fn fn) {
+  switch (t) {
+    case c10::kFloat: fn(float{}); break;
+    case c10::kBFloat16: fn(c10::BFloat16{}); break;
+    case c10::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "mistral7b kernels: expected float32, bfloat16 or float16, got ", t);
+  }
+}
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
