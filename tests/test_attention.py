@@ -40,17 +40,37 @@ def test_blocks_equal_dense_mask(window, block, length):
         assert (g - e).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("window", [4, 5, 8])
+@pytest.mark.parametrize("length", ["W", "W+1", "2W-1", "3W", "5W+2"])
+@torch.no_grad()
+def test_exact_band_by_window_blocks_equals_dense_mask(window, length):
+    """Inference on the CPU: blocks of W queries, each causal to itself and (reversed) to the W - 1
+    keys before it, merged by log-sum-exp; full and shorter last blocks; 4 query heads over 2."""
+    n = {"W": window, "W+1": window + 1, "2W-1": 2 * window - 1, "3W": 3 * window, "5W+2": 5 * window + 2}[length]
+    q, k, v = (t.detach() for t in qkv(2, n, seed=n * 10 + window))
+    got = attention.sliding_window_attention(q, k, v, window)
+    assert (got - dense_window_attention(q, k, v, window)).abs().max().item() <= 1e-5
+    edge = one_hot_visibility(n, window, block=None)
+    for i in range(n):
+        assert edge[i] == list(range(max(0, i - window + 1), i + 1)), i
+
+
+def one_hot_visibility(length, window, block):
+    """For each query, the keys it attends to: equal scores and one-hot values make them visible."""
+    q = torch.zeros(1, 1, length, length)  # head size L, as v's (the fast path needs them equal)
+    k = torch.zeros(1, 1, length, length)
+    v = torch.eye(length)[None, None]  # [1, 1, L, L]: key j's value is e_j
+    out = attention.sliding_window_attention(q, k, v, window, block)[0, 0]
+    return [torch.nonzero(out[i] > 0).squeeze(1).tolist() for i in range(length)]
+
+
 def test_window_edge_at_block_boundaries():
     """One-hot values: the output of query i is exactly the share of each key, so the set of keys it
     sees is visible; it must be i-W+1..i at every block edge."""
     window, block, length = 4, 3, 20
-    q = torch.zeros(1, 1, length, 2)  # equal scores: uniform weights over the visible keys
-    k = torch.zeros(1, 1, length, 2)
-    v = torch.eye(length)[None, None]  # [1, 1, L, L]: key j's value is e_j
-    out = attention.sliding_window_attention(q, k, v, window, block)[0, 0]
+    seen = one_hot_visibility(length, window, block)
     for i in range(length):
-        seen = torch.nonzero(out[i] > 0).squeeze(1).tolist()
-        assert seen == list(range(max(0, i - window + 1), i + 1)), i
+        assert seen[i] == list(range(max(0, i - window + 1), i + 1)), i
 
 
 def test_plan_without_cache_builds_no_dense_mask():
