@@ -80,7 +80,8 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """qweight uint8 [N, K / 2] (GGUF Q4 block packing), scales and mins fp32 [N, K / G]: w = q * s + m."""
+    """qweight uint8 [N, K / 2] (GGUF Q4 block packing), scales and mins fp16 (fp32 from GGUF Q4_K)
+    [N, K / G]: w = q * s + m."""
 
     mode = "int4"
     tensor_names = ("qweight", "scales", "mins")

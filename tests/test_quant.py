@@ -49,11 +49,14 @@ def test_quantized_model_stays_close(tiny_model, mode, group_size, tolerance):
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
     ref, out = tiny_model(ids, [40]), model(ids, [40])
     assert ((out - ref).norm() / ref.norm()).item() < tolerance
-    # Decode through the engine's path (fused projections, cache, batch-1 GEMV) equals one-shot.
+    # Decode through the engine's path (fused projections, cache, batch-1 GEMV) equals one-shot up
+    # to the GEMV's rounding of the activations: int16 for int8 weights (measured 5e-5 of the logit
+    # range), int8 per 32 for int4 (~0.5% per GEMV, compounding: measured 1.3% at G32, 2.2% at G64).
     model.fuse_projections()
     cache = model.new_cache(1, 64)
     steps = [model(ids[:30], [30], cache)[-1:]] + [model(ids[i:i + 1], [1], cache) for i in range(30, 40)]
-    assert torch.allclose(torch.cat(steps), out[29:], atol=2e-2 * out.abs().max().item())
+    rtol = 1e-3 if mode == "int8" else 3e-2
+    assert torch.allclose(torch.cat(steps), out[29:], atol=rtol * out.abs().max().item())
 
 
 @torch.no_grad()

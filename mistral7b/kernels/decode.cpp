@@ -32,8 +32,9 @@ namespace {
 struct Linear {
   enum Kind { kFloat, kBFloat16, kInt8, kInt4 } kind;
   const void* w;
-  const float* scales = nullptr;
-  const float* mins = nullptr;
+  const void* scales = nullptr;  // fp32, or fp16 when half_scales
+  const void* mins = nullptr;
+  bool half_scales = false;
   int64_t N, K, G = 0;
 
   int64_t row_bytes() const {
@@ -62,12 +63,14 @@ Linear resolve(at::TensorList t, int64_t K, const char* name) {
   l.kind = t.size() == 2 ? Linear::kInt8 : Linear::kInt4;
   TORCH_CHECK(t[0].scalar_type() == (l.kind == Linear::kInt8 ? at::kChar : at::kByte) && t[0].size(1) == l.row_bytes(),
               "decode_step: ", name, " qweight ", t[0].sizes(), " does not take ", K, " inputs");
-  TORCH_CHECK(t[1].scalar_type() == at::kFloat && t[1].size(0) == l.N && K % t[1].size(1) == 0, "decode_step: bad ", name, " scales");
-  l.scales = t[1].data_ptr<float>();
+  TORCH_CHECK((t[1].scalar_type() == at::kFloat || t[1].scalar_type() == at::kHalf) && t[1].size(0) == l.N &&
+                  K % t[1].size(1) == 0, "decode_step: bad ", name, " scales");
+  l.scales = t[1].data_ptr();
+  l.half_scales = t[1].scalar_type() == at::kHalf;
   l.G = K / t[1].size(1);
   if (l.kind == Linear::kInt4) {
-    TORCH_CHECK(t[2].scalar_type() == at::kFloat && t[2].sizes() == t[1].sizes(), "decode_step: bad ", name, " mins");
-    l.mins = t[2].data_ptr<float>();
+    TORCH_CHECK(t[2].scalar_type() == t[1].scalar_type() && t[2].sizes() == t[1].sizes(), "decode_step: bad ", name, " mins");
+    l.mins = t[2].data_ptr();
   }
   return l;
 }
@@ -87,12 +90,18 @@ void gemv_rows(const Linear& l, const float* x, int64_t M, int64_t n0, int64_t n
   }
   const Activations& a = quantize_activations(x, M, l.K, l.G, l.kind == Linear::kInt8 && Int8Block::wide);
   const auto* q = static_cast<const uint8_t*>(l.w);
-  over_panels(M, n0, n1, l.row_bytes(), [&](auto R, int64_t m0, int64_t p0, int64_t p1) {
-    if (l.kind == Linear::kInt8)
-      quantized_rows<Int8Block, decltype(R)::value>(a, m0, q, l.scales, nullptr, l.K, l.G, l.N, p0, p1, out);
-    else
-      quantized_rows<Int4Block, decltype(R)::value>(a, m0, q, l.scales, l.mins, l.K, l.G, l.N, p0, p1, out);
-  });
+  auto run = [&](const auto* scales) {
+    using S = std::remove_cv_t<std::remove_pointer_t<decltype(scales)>>;
+    const S* mins = static_cast<const S*>(l.mins);
+    over_panels(M, n0, n1, l.row_bytes(), [&](auto R, int64_t m0, int64_t p0, int64_t p1) {
+      if (l.kind == Linear::kInt8)
+        quantized_rows<Int8Block, decltype(R)::value>(a, m0, q, scales, mins, l.K, l.G, l.N, p0, p1, out);
+      else
+        quantized_rows<Int4Block, decltype(R)::value>(a, m0, q, scales, mins, l.K, l.G, l.N, p0, p1, out);
+    });
+  };
+  if (l.half_scales) run(static_cast<const c10::Half*>(l.scales));
+  else run(static_cast<const float*>(l.scales));
 }
 
 // This thread's share [begin, end) of n items.

@@ -1,7 +1,8 @@
 """The int8 and int4 weight formats, in pure torch: quantize, and the reference dequantize.
 
 int8: qweight int8 [N, K], scales fp32 [N, K // G]; w = q * s, q in -127..127 (symmetric).
-int4: qweight uint8 [N, K // 2], scales and mins fp32 [N, K // G]; w = q * s + m, q in 0..15. Each
+int4: qweight uint8 [N, K // 2], scales and mins fp16 [N, K // G] (as GGUF's Q4_1; fp32 is accepted
+      too: GGUF Q4_K's products d * sc need it); w = q * s + m in fp32, q in 0..15. Each
       32-weight block is 16 bytes laid out as GGUF's Q4_0/Q4_1: byte j holds weight j in its low
       nibble and weight j + 16 in its high nibble, so those GGUF types (and Q4_K) load without loss.
 G (the group size) is a multiple of 32 that divides K.
@@ -39,13 +40,14 @@ def dequantize_int8(qweight: Tensor, scales: Tensor, dtype: torch.dtype = torch.
 
 
 def quantize_int4(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
-    """w [N, K] -> (qweight uint8 [N, K // 2], scales, mins fp32 [N, K // G]): per group, min..max
-    in 16 steps, rounded to nearest."""
+    """w [N, K] -> (qweight uint8 [N, K // 2], scales, mins fp16 [N, K // G]): per group, min..max
+    in 16 steps, rounded to nearest against the fp16-rounded scale and min. fp16 rather than fp32
+    scales: 20 instead of 24 bytes per 32 weights, which decode reads every token."""
     g = _groups(w, group_size)
-    mins, maxs = g.amin(-1), g.amax(-1)
-    scales = (maxs - mins) / 15
-    inv = torch.where(scales > 0, 1 / scales, 0)
-    q = torch.round((g - mins[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    mins = g.amin(-1).half()
+    scales = ((g.amax(-1) - mins.float()) / 15).half()
+    inv = torch.where(scales > 0, 1 / scales.float(), 0)
+    q = torch.round((g - mins[..., None].float()) * inv[..., None]).clamp(0, 15).to(torch.uint8)
     blocks = q.reshape(w.shape[0], -1, 2, BLOCK // 2)  # [N, K/32, (low, high), 16]
     packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
     return packed.reshape(w.shape[0], -1), scales, mins

@@ -125,32 +125,40 @@ struct Int4Block {
   static constexpr int64_t bytes = 16;  // per block
 };
 
-// out[m0 + r, n] for r < R and n in [n0, n1): weight rows dotted block by block with R activation rows,
-// two blocks per step into two accumulators to hide the fma latency.
-// int4: w = q s + m with q in 0..15 and the activations x ~ xq d. Summing s q xq d + m x leaves the
-// error s q (xq d - x), as large as the weight range; adding 7.5 s (x - xq d) centres it to
-// s (q - 7.5) (xq d - x), halving it. Both per-group terms, min * gsum + s * gerr, are summed per row
-// in one vector pass over the groups (group_terms), in the accumulator before its horizontal sum.
-// acc + min[g] * gsum[g] + scale[g] * gerr[g] over g < ng, 8 groups a step (the tail masked).
-inline __m256 group_terms(__m256 acc, const float* min, const float* scale, const float* gsum, const float* gerr,
-                          int64_t ng) {
-  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+// acc + min[g] * gsum[g] + scale[g] * gerr[g] over g < ng, 8 groups a step (the tail through a
+// zero-padded copy); min and scale fp32 or fp16 (S).
+template <typename S>
+inline __m256 group_terms(__m256 acc, const S* min, const S* scale, const float* gsum, const float* gerr, int64_t ng) {
   int64_t g = 0;
   for (; g + 8 <= ng; g += 8) {
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(min + g), _mm256_loadu_ps(gsum + g), acc);
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(scale + g), _mm256_loadu_ps(gerr + g), acc);
+    acc = _mm256_fmadd_ps(load8(min + g), _mm256_loadu_ps(gsum + g), acc);
+    acc = _mm256_fmadd_ps(load8(scale + g), _mm256_loadu_ps(gerr + g), acc);
   }
   if (g < ng) {
-    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (ng - g)));
-    acc = _mm256_fmadd_ps(_mm256_maskload_ps(min + g, mask), _mm256_maskload_ps(gsum + g, mask), acc);
-    acc = _mm256_fmadd_ps(_mm256_maskload_ps(scale + g, mask), _mm256_maskload_ps(gerr + g, mask), acc);
+    alignas(32) float tail[4][8] = {};
+    for (int64_t i = 0; g + i < ng; ++i) {
+      tail[0][i] = static_cast<float>(min[g + i]), tail[1][i] = gsum[g + i];
+      tail[2][i] = static_cast<float>(scale[g + i]), tail[3][i] = gerr[g + i];
+    }
+    acc = _mm256_fmadd_ps(_mm256_load_ps(tail[0]), _mm256_load_ps(tail[1]), acc);
+    acc = _mm256_fmadd_ps(_mm256_load_ps(tail[2]), _mm256_load_ps(tail[3]), acc);
   }
   return acc;
 }
 
-template <typename Block, int R, typename T>
-void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const float* scales,
-                    const float* mins, int64_t K, int64_t G, int64_t N, int64_t n0, int64_t n1, T* out) {
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return _cvtsh_ss(v.x); }  // F16C, one instruction
+
+// out[m0 + r, n] for r < R and n in [n0, n1): weight rows dotted block by block with R activation rows,
+// two blocks per step into two accumulators to hide the fma latency. Scales (and mins) of type S:
+// fp32, or fp16 (int4's default: 20 bytes per 32 weights instead of 24).
+// int4: w = q s + m with q in 0..15 and the activations x ~ xq d. Summing s q xq d + m x leaves the
+// error s q (xq d - x), as large as the weight range; adding 7.5 s (x - xq d) centres it to
+// s (q - 7.5) (xq d - x), halving it. Both per-group terms, min * gsum + s * gerr, are summed per row
+// in one vector pass over the groups (group_terms), in the accumulator before its horizontal sum.
+template <typename Block, int R, typename T, typename S>
+void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const S* scales, const S* mins,
+                    int64_t K, int64_t G, int64_t N, int64_t n0, int64_t n1, T* out) {
   const int64_t nb = K / QK, ng = K / G, row_bytes = K / QK * Block::bytes;
   const typename Block::X* xq[R];
   const float* xd[R];
@@ -162,14 +170,14 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const f
   const bool per_block = G == QK;  // loop-invariant: the compiler unswitches the loop on it
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * row_bytes;
-    const float* s = scales + n * ng;
-    prefetch(s + 4 * ng);  // scales and mins of rows ahead (ng floats a row)
+    const S* s = scales + n * ng;
+    prefetch(s + 4 * ng);  // scales and mins of rows ahead (ng values a row)
     if (mins) prefetch(mins + (n + 4) * ng);
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     auto step = [&](int64_t b, int u) {
       const __m256i w = Block::load(row, b);
-      const float sw = s[per_block ? b : grp[b]];
+      const float sw = to_float(s[per_block ? b : grp[b]]);
       for (int r = 0; r < R; ++r) {
         const __m256i p = Block::dot(w, xq[r] + b * QK);
         acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sw * xd[r][b]), acc[r][u]);

@@ -38,22 +38,25 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
   return shape;
 }
 
-// x [..., K] @ dequantized(qweight).T -> [..., N] in x.dtype; mins undefined for int8.
+// x [..., K] @ dequantized(qweight).T -> [..., N] in x.dtype; mins undefined for int8. Scales (and
+// mins) fp32 or fp16.
 template <typename Block>
 at::Tensor quantized_gemv(const at::Tensor& x_, const at::Tensor& qw_, const at::Tensor& scales_,
                           const c10::optional<at::Tensor>& mins_) {
-  const auto x = x_.contiguous(), qw = qw_.contiguous(), scales = contiguous_float(scales_);
+  const auto x = x_.contiguous(), qw = qw_.contiguous(), scales = scales_.contiguous();
   const int64_t K = x.size(-1), N = qw.size(0), M = x.numel() / std::max<int64_t>(K, 1);
   TORCH_CHECK(qw.dim() == 2 && qw.size(1) == K / QK * Block::bytes,
               "qweight ", qw.sizes(), " does not match K = ", K);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0,
               "scales ", scales.sizes(), " does not match qweight ", qw.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, "scales must be fp32 or fp16");
   const int64_t G = K / scales.size(1);
   TORCH_CHECK(G % QK == 0, "group size ", G, " is not a multiple of ", QK);
   at::Tensor mins;
   if (mins_) {
-    mins = contiguous_float(*mins_);
-    TORCH_CHECK(mins.sizes() == scales.sizes(), "mins ", mins.sizes(), " != scales ", scales.sizes());
+    mins = mins_->contiguous();
+    TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == scales.scalar_type(),
+                "mins ", mins.sizes(), " do not match scales ", scales.sizes());
   }
   auto out = at::empty(out_shape(x, N), x.options());
   if (M == 0 || N == 0) return out;
@@ -61,12 +64,16 @@ at::Tensor quantized_gemv(const at::Tensor& x_, const at::Tensor& qw_, const at:
     using T = decltype(tag);
     const Activations& a = quantize_activations(x.data_ptr<T>(), M, K, G, Block::wide);
     const auto* q = reinterpret_cast<const uint8_t*>(qw.data_ptr());
-    const float* s = scales.data_ptr<float>();
-    const float* mn = mins.defined() ? mins.data_ptr<float>() : nullptr;
     T* y = out.data_ptr<T>();
-    over_rows(M, N, K / QK * Block::bytes, [&](auto R, int64_t m0, int64_t n0, int64_t n1) {
-      quantized_rows<Block, decltype(R)::value>(a, m0, q, s, mn, K, G, N, n0, n1, y);
-    });
+    auto run = [&](const auto* s) {
+      using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
+      const S* mn = mins.defined() ? static_cast<const S*>(mins.data_ptr()) : nullptr;
+      over_rows(M, N, K / QK * Block::bytes, [&](auto R, int64_t m0, int64_t n0, int64_t n1) {
+        quantized_rows<Block, decltype(R)::value>(a, m0, q, s, mn, K, G, N, n0, n1, y);
+      });
+    };
+    if (scales.scalar_type() == at::kHalf) run(static_cast<const c10::Half*>(scales.data_ptr()));
+    else run(scales.data_ptr<float>());
   });
   return out;
 }

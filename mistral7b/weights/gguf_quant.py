@@ -23,8 +23,8 @@ PACKED_MODES = {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q4_K: "int4"}
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The f16 at byte `start` of each block [..., block_bytes] -> float32 [...]."""
-    return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32)
+    """The f16 at byte `start` of each block [..., block_bytes] -> float16 [...]."""
+    return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0]
 
 
 def _k4_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,18 +53,20 @@ def pack(data: np.ndarray, kind: Q) -> tuple[str, tuple[torch.Tensor, ...]]:
     if kind == Q.Q8_0:
         blocks = data.reshape(n, -1, 34)
         q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)
-        return "int8", (torch.from_numpy(q), torch.from_numpy(_f16(blocks, 0)))
+        return "int8", (torch.from_numpy(q), torch.from_numpy(_f16(blocks, 0).astype(np.float32)))
     if kind in (Q.Q4_0, Q.Q4_1):
         blocks = data.reshape(n, -1, 18 if kind == Q.Q4_0 else 20)
-        d = _f16(blocks, 0)
-        m = -8 * d if kind == Q.Q4_0 else _f16(blocks, 2)
+        d = _f16(blocks, 0)  # fp16 as in the file
+        m = _f16(blocks, 2) if kind == Q.Q4_1 else -8 * d.astype(np.float32)  # Q4_0: exact in fp16 if finite
+        if m.dtype != np.float16:
+            d, m = (d, m.astype(np.float16)) if np.abs(m).max(initial=0) <= 65504 else (d.astype(np.float32), m)
         q = np.ascontiguousarray(blocks[..., -16:]).reshape(n, -1)
         return "int4", (torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
     if kind == Q.Q4_K:
         blocks = data.reshape(n, -1, 144)
         sc, mn = _k4_scales_mins(blocks[..., 4:16])  # [n, superblocks, 8]
-        scales = _f16(blocks, 0)[..., None] * sc
-        mins = -_f16(blocks, 2)[..., None] * mn
+        scales = _f16(blocks, 0).astype(np.float32)[..., None] * sc  # products need fp32
+        mins = -_f16(blocks, 2).astype(np.float32)[..., None] * mn
         q = _repack_k4(blocks[..., 16:]).reshape(n, -1)
         return "int4", tuple(torch.from_numpy(np.ascontiguousarray(t)) for t in
                              (q, scales.reshape(n, -1), mins.reshape(n, -1)))
