@@ -30,7 +30,7 @@ def random_quantized(model: mistral7b.Transformer, mode: str) -> mistral7b.Trans
             if isinstance(child, nn.Linear):
                 n, k = child.out_features, child.in_features
                 if mode == "int4":
-                    scales = torch.full((n, k // 32), 0.002)
+                    scales = torch.full((n, k // 32), 0.002, dtype=torch.float16)  # as quantize_int4 makes them
                     layer = Int4Linear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen),
                                        scales, -8 * scales)
                 else:
