@@ -14,8 +14,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <pthread.h>
-#include <signal.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -217,20 +215,6 @@ void silu_mul(const float* gate, const float* up, int64_t i0, int64_t i1, float*
   for (; i < i1; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// Python acts on a signal (Ctrl-C) only when its handler ran in the main thread: one delivered to a
-// pool thread sets the flag without waking the interpreter's check, and a chat's Ctrl-C went unseen
-// until the answer ended (CI, tests/test_chat.py). Pool threads therefore block the asynchronous
-// signals once, so that the kernel delivers them to the main thread.
-void block_async_signals_in_this_thread() {
-  thread_local bool blocked = false;
-  if (blocked) return;
-  sigset_t set;
-  sigemptyset(&set);
-  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGALRM, SIGUSR1, SIGUSR2}) sigaddset(&set, sig);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  blocked = true;
-}
-
 template <typename C>
 void store(C* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(src[i]);
@@ -269,7 +253,6 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (tid != 0) block_async_signals_in_this_thread();  // the team's thread 0 is the caller's
     std::vector<float> xn(B * D), scores(group * s.used);
     const auto [a0, a1] = share(B * Hkv * chunks, tid, nth);  // attention tasks: (row, kv head, slot range)
     const auto [m0, m1] = share(B * H, tid, nth);              // merges: (row, head)
