@@ -115,11 +115,14 @@ def _kernel_tensors(linear: nn.Module) -> list[torch.Tensor] | None:
     return None
 
 
+def _matching(fused: FusedProjection | None, parts: list[nn.Module]) -> FusedProjection | None:
+    """`fused` if it still computes exactly `parts`, else None."""
+    return fused if fused is not None and fused.matches(parts) else None
+
+
 def _fused_or_none(fused: FusedProjection | None, parts: list[nn.Module]) -> FusedProjection | None:
     # Training needs the parts' own parameters in the autograd graph.
-    if fused is None or torch.is_grad_enabled() or not fused.matches(parts):
-        return None
-    return fused
+    return None if torch.is_grad_enabled() else _matching(fused, parts)
 
 
 class Attention(nn.Module):
@@ -212,8 +215,8 @@ class TransformerBlock(nn.Module):
 
     def _build_native_weights(self) -> tuple[list[torch.Tensor], list[int]] | None:
         attn, ffn = self.attention, self.feed_forward
-        qkv = attn.fused_qkv if attn.fused_qkv and attn.fused_qkv.matches([attn.wq, attn.wk, attn.wv]) else None
-        gate_up = ffn.fused_gate_up if ffn.fused_gate_up and ffn.fused_gate_up.matches([ffn.w1, ffn.w3]) else None
+        qkv = _matching(attn.fused_qkv, [attn.wq, attn.wk, attn.wv])
+        gate_up = _matching(ffn.fused_gate_up, [ffn.w1, ffn.w3])
         if qkv is None or gate_up is None:
             return None
         linears = [_kernel_tensors(m) for m in (qkv.linear, attn.wo, gate_up.linear, ffn.w2)]

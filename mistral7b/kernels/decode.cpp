@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -75,12 +76,17 @@ Linear resolve(at::TensorList t, int64_t K, const char* name) {
   return l;
 }
 
-// out[m, n] for m < M and n in [n0, n1) (row stride l.N), x [M, K] fp32. Quantizes x into this
-// thread's activation buffer first (each thread quantizes all of x: cheaper than a barrier).
-void gemv_rows(const Linear& l, const float* x, int64_t M, int64_t n0, int64_t n1, float* out) {
-  if (n0 >= n1) return;
+// out[m, n] for m < M and n in each of the row ranges [n0, n1) (row stride l.N), x [M, K] fp32.
+// Quantizes x into this thread's activation buffer once for all ranges (each thread quantizes all
+// of x: cheaper than a barrier).
+void gemv_rows(const Linear& l, const float* x, int64_t M, std::initializer_list<std::pair<int64_t, int64_t>> ranges,
+               float* out) {
+  auto over_ranges = [&](auto kernel) {
+    for (auto [n0, n1] : ranges)
+      if (n0 < n1) over_panels(M, n0, n1, l.row_bytes(), kernel);
+  };
   if (l.kind == Linear::kFloat || l.kind == Linear::kBFloat16) {
-    over_panels(M, n0, n1, l.row_bytes(), [&](auto R, int64_t m0, int64_t p0, int64_t p1) {
+    over_ranges([&](auto R, int64_t m0, int64_t p0, int64_t p1) {
       if (l.kind == Linear::kFloat)
         float_rows<decltype(R)::value>(x, m0, static_cast<const float*>(l.w), l.K, l.N, p0, p1, out);
       else
@@ -93,7 +99,7 @@ void gemv_rows(const Linear& l, const float* x, int64_t M, int64_t n0, int64_t n
   auto run = [&](const auto* scales) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(scales)>>;
     const S* mins = static_cast<const S*>(l.mins);
-    over_panels(M, n0, n1, l.row_bytes(), [&](auto R, int64_t m0, int64_t p0, int64_t p1) {
+    over_ranges([&](auto R, int64_t m0, int64_t p0, int64_t p1) {
       if (l.kind == Linear::kInt8)
         quantized_rows<Int8Block, decltype(R)::value>(a, m0, q, scales, mins, l.K, l.G, l.N, p0, p1, out);
       else
@@ -269,7 +275,7 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
       // q, k, v = wqkv(norm(x))
       rms_norm(x, w.attention_norm, B, D, s.eps, xn.data());
       auto [q0, q1] = share(w.qkv.N, tid, nth);
-      gemv_rows(w.qkv, xn.data(), B, q0, q1, qkv.data());
+      gemv_rows(w.qkv, xn.data(), B, {{q0, q1}}, qkv.data());
 #pragma omp barrier
       // RoPE on the q and k heads; k and v into their cache slots.
       auto [h0, h1] = share(B * (H + 2 * Hkv), tid, nth);
@@ -301,18 +307,17 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
 #pragma omp barrier
       // x += wo(attn)
       auto [o0, o1] = share(D, tid, nth);
-      gemv_rows(w.wo, attn.data(), B, o0, o1, proj.data());
+      gemv_rows(w.wo, attn.data(), B, {{o0, o1}}, proj.data());
       add_rows(D, o0, o1);
 #pragma omp barrier
       // act = silu(w1 norm(x)) * w3 norm(x): this thread's gate rows and the same up rows.
       rms_norm(x, w.ffn_norm, B, D, s.eps, xn.data());
       auto [f0, f1] = share(F, tid, nth);
-      gemv_rows(w.gate_up, xn.data(), B, f0, f1, proj.data());
-      gemv_rows(w.gate_up, xn.data(), B, F + f0, F + f1, proj.data());
+      gemv_rows(w.gate_up, xn.data(), B, {{f0, f1}, {F + f0, F + f1}}, proj.data());
       for (int64_t b = 0; b < B; ++b) silu_mul(proj.data() + b * 2 * F, proj.data() + b * 2 * F + F, f0, f1, act.data() + b * F);
 #pragma omp barrier
       // x += w2(act)
-      gemv_rows(w.down, act.data(), B, o0, o1, proj.data());
+      gemv_rows(w.down, act.data(), B, {{o0, o1}}, proj.data());
       add_rows(D, o0, o1);
 #pragma omp barrier
     }
