@@ -103,9 +103,13 @@ def test_int4_linear_matches_reference(k, group, dtype, rows):
 def test_int8_gemv_takes_minus_128():  # GGUF Q8_0 may hold it; |-128| is 128 as maddubs' unsigned byte
     q = torch.full((4, 64), -128, dtype=torch.int8)
     q[:, ::3] = 127
-    s = torch.rand(4, 1)
-    x = torch.randn(1, 64)
-    assert rel_err(kernels.int8_linear(x, q, s), F.linear(x, formats.dequantize_int8(q, s))) < INT8_RTOL[torch.float32]
+    g = torch.Generator().manual_seed(0)
+    s, x = torch.rand(4, 1, generator=g), torch.randn(1, 64, generator=g)
+    w = formats.dequantize_int8(q, s)
+    # Relative to the terms' magnitude: these rows' sums nearly cancel for some x, which makes an error
+    # relative to the output itself as large as 4e-3 (a seed in 300) though each term is exact to 1e-5.
+    err = (kernels.int8_linear(x, q, s) - F.linear(x, w)).abs() / (x.abs() @ w.abs().T)
+    assert err.max() < INT8_RTOL[torch.float32]
 
 
 @needs_native
