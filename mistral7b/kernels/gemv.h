@@ -165,6 +165,16 @@ inline __m256 group_terms(__m256 acc, const S* min, const S* scale, const float*
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return _cvtsh_ss(v.x); }  // F16C, one instruction
 
+// The weight scales of blocks [b, b + 8) of a row whose groups are s (grp: block -> group).
+template <typename S>
+inline __m256 block_scales(const S* s, const int32_t* grp, int64_t b, bool per_block) {
+  if (per_block) return load8(s + b);
+  if (grp[b] == grp[b + 7]) return _mm256_set1_ps(to_float(s[grp[b]]));  // per channel; G >= 256
+  const int32_t* g = grp + b;
+  return _mm256_setr_ps(to_float(s[g[0]]), to_float(s[g[1]]), to_float(s[g[2]]), to_float(s[g[3]]),
+                        to_float(s[g[4]]), to_float(s[g[5]]), to_float(s[g[6]]), to_float(s[g[7]]));
+}
+
 // out[m0 + r, n] for r < R and n in [n0, n1): weight rows dotted block by block with R activation rows,
 // two blocks per step into two accumulators to hide the fma latency. Scales (and mins) of type S:
 // fp32, or fp16 (int4's default: 20 bytes per 32 weights instead of 24).
@@ -191,7 +201,7 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const S
     if (mins) prefetch(mins + (n + 4) * ng);
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    auto step = [&](int64_t b, int u) {
+    auto step = [&](int64_t b, int u) {  // one block, the scalar way
       const __m256i w = Block::load(row, b);
       const float sw = to_float(s[per_block ? b : grp[b]]);
       for (int r = 0; r < R; ++r) {
@@ -199,31 +209,25 @@ void quantized_rows(const Activations& a, int64_t m0, const uint8_t* qw, const S
         acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sw * xd[r][b]), acc[r][u]);
       }
     };
+    // 8 blocks a step: their 8 weight scales times the activation scales in one vector multiply,
+    // each block's lane broadcast by a permute (a scalar product spends ~4 instructions a block).
     int64_t b = 0;
-    if (per_block) {
-      // 8 blocks a step: their 8 scales times the activation scales in one vector multiply, each
-      // block's lane broadcast by a permute (the scalar path spends ~4 instructions a block on it).
-      for (; b + 8 <= nb; b += 8) {
-        for (int64_t ahead = 0; ahead < 8 * Block::bytes; ahead += 64) prefetch(row + b * Block::bytes + ahead + kPrefetchBytes);
-        __m256 sd[R];
-        for (int r = 0; r < R; ++r) sd[r] = _mm256_mul_ps(load8(s + b), _mm256_loadu_ps(xd[r] + b));
+    for (; b + 8 <= nb; b += 8) {
+      for (int64_t ahead = 0; ahead < 8 * Block::bytes; ahead += 64) prefetch(row + b * Block::bytes + ahead + kPrefetchBytes);
+      const __m256 sw = block_scales(s, grp, b, per_block);
+      __m256 sd[R];
+      for (int r = 0; r < R; ++r) sd[r] = _mm256_mul_ps(sw, _mm256_loadu_ps(xd[r] + b));
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-          const __m256i w = Block::load(row, b + j);
-          for (int r = 0; r < R; ++r) {
-            const __m256i p = Block::dot(w, xq[r] + (b + j) * QK);
-            const __m256 lane = _mm256_permutevar8x32_ps(sd[r], _mm256_set1_epi32(j));
-            acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane, acc[r][j & 1]);
-          }
+      for (int j = 0; j < 8; ++j) {
+        const __m256i w = Block::load(row, b + j);
+        for (int r = 0; r < R; ++r) {
+          const __m256i p = Block::dot(w, xq[r] + (b + j) * QK);
+          const __m256 lane = _mm256_permutevar8x32_ps(sd[r], _mm256_set1_epi32(j));
+          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane, acc[r][j & 1]);
         }
       }
     }
-    for (; b + 2 <= nb; b += 2) {
-      prefetch(row + b * Block::bytes + kPrefetchBytes);
-      step(b, 0);
-      step(b + 1, 1);
-    }
-    if (b < nb) step(b, 0);
+    for (; b < nb; ++b) step(b, b & 1);
     for (int r = 0; r < R; ++r) {
       __m256 total = _mm256_add_ps(acc[r][0], acc[r][1]);
       if (mins) {
