@@ -33,7 +33,10 @@ class StepPlan:
     batch: int  # B
     length: int  # L = max(seqlens)
     mask: torch.Tensor | None  # [B, 1, L, K] bool, K = cached slots + L; None: causal (or `window`)
-    window: int | None = None  # no cache and a row longer than W: the causal W-key band (attention.py)
+    # The causal W-key band with no mask (attention.py): rows from position 0 longer than W without a
+    # cache, or one sequence's chunk through a windowed cache (its keys: cached ones, then the chunk's).
+    window: int | None = None
+    key_shift: int = 0  # a wrapped rolling row: its oldest cached position sits in this slot
     rows: slice | torch.Tensor | None = None  # cache rows of the B sequences
     used_slots: int = 0  # slots [0, used_slots) hold every cached key of these rows
     write_src: torch.Tensor | None = None  # [N] packed token indices whose K/V are cached
@@ -147,8 +150,14 @@ class KVCache:
         q_pos, q_valid, pad_index = _padded_layout(seqlens, starts, device)
         # Slots fill from 0 up; until a row wraps, attention only needs the filled prefix.
         used = max(min(start, self.slots) for start in starts_list)
-        k_pos = torch.cat([self.slot_pos[row_index, :used], torch.where(q_valid, q_pos, -1)], dim=1)
-        mask = _attention_mask(q_pos, k_pos, q_valid, self.window)
+        mask, window, key_shift = None, None, 0
+        if self.window is not None and len(seqlens) == 1:
+            # One sequence: its cached keys in position order (slots [0, used) in turn from the oldest
+            # position's, start % S, once wrapped), then the band over them and the chunk's own.
+            window, key_shift = self.window, starts_list[0] % self.slots if starts_list[0] >= self.slots else 0
+        else:
+            k_pos = torch.cat([self.slot_pos[row_index, :used], torch.where(q_valid, q_pos, -1)], dim=1)
+            mask = _attention_mask(q_pos, k_pos, q_valid, self.window)
 
         # Only the last S tokens of each sequence's chunk survive in the cache; writing the
         # earlier ones too would race on duplicate slots.
@@ -160,8 +169,8 @@ class KVCache:
         new_pos = positions[write_src]
         write_dst = row_of[write_src] * self.slots + new_pos % self.slots
         return StepPlan(positions=positions, pad_index=pad_index, batch=len(seqlens), length=max(seqlens),
-                        mask=mask, rows=row_index, used_slots=used, write_src=write_src, write_dst=write_dst,
-                        new_slot_pos=new_pos)
+                        mask=mask, window=window, key_shift=key_shift, rows=row_index, used_slots=used,
+                        write_src=write_src, write_dst=write_dst, new_slot_pos=new_pos)
 
     def _decode_plan(self, rows: list[int], row_index: slice | torch.Tensor, starts: list[int]) -> StepPlan:
         """One token per sequence (batched decode): each token's K/V go straight into its slot
@@ -192,8 +201,12 @@ class KVCache:
         return keys, self.v[layer, plan.rows, :plan.used_slots].transpose(1, 2)
 
     def keys_values(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached K and V of the plan's sequences: [B, used_slots, n_kv_heads, head_dim] each."""
-        return self.k[layer, plan.rows, :plan.used_slots], self.v[layer, plan.rows, :plan.used_slots]
+        """Cached K and V of the plan's sequences: [B, used_slots, n_kv_heads, head_dim] each, in slot
+        order, or in position order when the plan has a key_shift."""
+        keys, values = self.k[layer, plan.rows, :plan.used_slots], self.v[layer, plan.rows, :plan.used_slots]
+        if plan.key_shift:
+            return keys.roll(-plan.key_shift, dims=1), values.roll(-plan.key_shift, dims=1)
+        return keys, values
 
     def write(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new k, v ([T, n_kv_heads, head_dim]) of one layer into their slots."""

@@ -55,6 +55,20 @@ def test_exact_band_by_window_blocks_equals_dense_mask(window, length):
         assert edge[i] == list(range(max(0, i - window + 1), i + 1)), i
 
 
+@pytest.mark.parametrize("window", [4, 5, 8])
+@pytest.mark.parametrize("cached", [1, 3, "W-1", "W"])  # keys before the queries (a cache's, in order)
+@pytest.mark.parametrize("queries", [1, 2, "W-1", "W", "2W+3"])
+@pytest.mark.parametrize("block", [3, None])  # the masked blocks (autograd, other devices); the exact band
+def test_band_after_cached_keys_equals_dense_mask(window, cached, queries, block):
+    """A prefill chunk through a rolling cache: the last Lq of Lk keys are the queries'."""
+    sizes = {"W-1": window - 1, "W": window, "2W+3": 2 * window + 3}
+    cached, queries = sizes.get(cached, cached), sizes.get(queries, queries)
+    q, k, v = (t.detach() for t in qkv(2, cached + queries, seed=cached * 100 + queries * 10 + window))
+    expected = dense_window_attention(q, k, v, window)[:, :, cached:]
+    got = attention.sliding_window_attention(q[:, :, cached:], k, v, window, block)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 def one_hot_visibility(length, window, block):
     """For each query, the keys it attends to: equal scores and one-hot values make them visible."""
     q = torch.zeros(1, 1, length, length)  # head size L, as v's (the fast path needs them equal)

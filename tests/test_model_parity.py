@@ -28,11 +28,11 @@ def test_one_shot_prefill(tiny_pair):
         assert diff <= TOL, diff
 
 
-@pytest.mark.parametrize("chunk", ["1", "3", "W", "W+3"])
+@pytest.mark.parametrize("chunk", ["1", "3", "W", "W+3", "2W+1"])
 @torch.no_grad()
 def test_chunked_prefill_with_cache(tiny_pair, chunk):
     hf, ours, w = tiny_pair
-    size = {"1": 1, "3": 3, "W": w, "W+3": w + 3}[chunk]
+    size = {"1": 1, "3": 3, "W": w, "W+3": w + 3, "2W+1": 2 * w + 1}[chunk]
     ids = random_ids(4 * w + 2, ours.args.vocab_size, 7)
     cache = ours.new_cache(1)
     pieces = [ours(ids[i:i + size], [len(ids[i:i + size])], cache) for i in range(0, len(ids), size)]
