@@ -79,10 +79,13 @@ def test_long_rows_split_over_threads_with_a_mask(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_equals_eager(monkeypatch, mode):
-    native, eager = both_paths(quantize(tiny(), mode), monkeypatch)
-    # Same kernels; only the quantized activations' rounding of slightly different inputs differs.
-    assert (native - eager).abs().max().item() < (1e-3 if mode == "int8" else 2e-2)
+@pytest.mark.parametrize("wide", [False, True])  # rows of 2 groups of 32; of 10 and 18 (vector group tails)
+def test_quantized_equals_eager(monkeypatch, mode, wide):
+    model = tiny(dim=320, head_dim=80, hidden_dim=576) if wide else tiny()
+    native, eager = both_paths(quantize(model, mode, 32 if wide else None), monkeypatch)
+    # Same kernels; only the quantized activations' rounding of slightly different inputs differs (an
+    # int8 activation that rounds the other way moves by a whole step: ~0.3% of the logits on wide rows).
+    assert ((native - eager).norm() / eager.norm()).item() < (1e-3 if mode == "int8" else 1e-2)
 
 
 def test_bf16_model_and_cache(monkeypatch):
