@@ -73,6 +73,8 @@ def test_load_quantized_and_bad_arguments(tmp_path, tiny_model):
     mistral7b.save(tiny_model, tmp_path / "m")
     model = mistral7b.load(tmp_path / "m", quantize="int8")
     assert quantized_mode(model) == "int8" and model.layers[0].attention.wq.group_size == 64
+    assert model.output.group_size == 32  # per channel, but the vocabulary projection in groups of 32
+    assert mistral7b.load(tmp_path / "m", quantize="int8", group_size=64).output.group_size == 64  # as asked
     with pytest.raises(InputError, match="int8, int4"):
         mistral7b.load(tmp_path / "m", quantize="int3")
     with pytest.raises(InputError, match="multiple of 32"):
