@@ -7,27 +7,28 @@ Weights are cold, as in a real decode step that streams every layer once: each c
 enough copies to overflow the 32 MiB L3. GB/s = weight bytes read (scales and mins included) / time.
 Each number is the best of 5 rounds.
 
-Preliminary results, to be re-run on a quiet machine: `--threads 1`, AMD EPYC (AVX2), torch 2.13,
-2026-11-27, while other jobs held the load average at 9-11 on the 2 cores and saturated memory:
-absolute numbers are ~10x below this machine's (31 GB/s); only the ratios within a row mean much.
-A 2-thread run under that load was meaningless (every parallel region waits for a descheduled
-thread). Cells: us per call, GB/s.
+Results: `--threads 2`, AMD EPYC (AVX2, 32 MiB L3), torch 2.13, 2026-11-27, quiet machine (load ~1;
+a hand-written AVX2 read loop reached 21-22 GB/s that hour). Cells: us per call, GB/s; the SmolLM2
+rows and the Mistral rows come from two runs a few minutes apart (this VM drifts by up to 1.5x).
+These are per-op calls, each its own parallel region; a decode step runs them all inside one
+(`kernels.decode_step`), where the per-call costs of the small SmolLM2 shapes mostly vanish.
 
 | shape (NxK) | F.linear fp32 | F.linear bf16 | int8pack_mm bf16 | ours int8 | ours int4 G32 | ours float fp32 | ours float bf16 |
 | --- | --- | --- | --- | --- | --- | --- | --- |
-| 576x576 | 468 us 2.8 | 345 us 1.9 | 347 us 1.0 | 179 us 1.9 | 116 us 2.1 | 484 us 2.7 | 211 us 3.1 |
-| 192x576 | 146 us 3.0 | 133 us 1.7 | 90 us 1.2 | 50 us 2.2 | 57 us 1.5 | 198 us 2.2 | 103 us 2.1 |
-| 1536x576 | 1848 us 1.9 | 1074 us 1.6 | 996 us 0.9 | 335 us 2.7 | 216 us 3.1 | 866 us 4.1 | 488 us 3.6 |
-| 576x1536 | 706 us 5.0 | 754 us 2.3 | 550 us 1.6 | 346 us 2.6 | 215 us 3.1 | 1008 us 3.5 | 580 us 3.0 |
-| 49152x576 | 34955 us 3.2 | 26427 us 2.1 | 63676 us 0.4 | 16820 us 1.7 | 16265 us 1.3 | 75054 us 1.5 | 46752 us 1.2 |
-| 4096x4096 | 30099 us 2.2 | 22634 us 1.5 | 13577 us 1.2 | 7882 us 2.1 | 8060 us 1.6 | 31095 us 2.2 | 14141 us 2.4 |
-| 1024x4096 | 6153 us 2.7 | 5849 us 1.4 | 2964 us 1.4 | 2009 us 2.1 | 1816 us 1.7 | 13796 us 1.2 | 8042 us 1.0 |
-| 14336x4096 | 133571 us 1.8 | 85245 us 1.4 | 95601 us 0.6 | 36890 us 1.6 | 13847 us 3.2 | 48518 us 4.8 | 31988 us 3.7 |
-| 4096x14336 | 37890 us 6.2 | 45316 us 2.6 | 15232 us 3.9 | 14809 us 4.0 | 15752 us 2.8 | 61518 us 3.8 | 30168 us 3.9 |
+| 576x576 | 151 us 8.8 | 66 us 10.1 | 70 us 4.8 | 30 us 11.0 | 36 us 5.8 | 104 us 12.7 | 53 us 12.4 |
+| 192x576 | 69 us 6.4 | 36 us 6.2 | 36 us 3.1 | 19 us 6.0 | 19 us 3.7 | 35 us 12.5 | 24 us 9.4 |
+| 1536x576 | 385 us 9.2 | 165 us 10.8 | 146 us 6.1 | 63 us 14.2 | 50 us 11.0 | 245 us 14.4 | 106 us 16.7 |
+| 576x1536 | 300 us 11.8 | 164 us 10.8 | 116 us 7.7 | 65 us 13.7 | 46 us 12.0 | 203 us 17.5 | 113 us 15.6 |
+| 49152x576 | 12242 us 9.3 | 4856 us 11.7 | 5064 us 5.6 | 1879 us 15.2 | 1249 us 14.2 | 7233 us 15.7 | 4087 us 13.9 |
+| 4096x4096 | 5017 us 13.4 | 3860 us 8.7 | 1602 us 10.5 | 1125 us 14.9 | 723 us 14.5 | 5284 us 12.7 | 2213 us 15.2 |
+| 1024x4096 | 1607 us 10.4 | 817 us 10.3 | 461 us 9.1 | 337 us 12.5 | 228 us 11.5 | 1572 us 10.7 | 579 us 14.5 |
+| 14336x4096 | 19362 us 12.1 | 11373 us 10.3 | 5874 us 10.0 | 4248 us 13.8 | 2475 us 14.8 | 16168 us 14.5 | 7640 us 15.4 |
+| 4096x14336 | 16089 us 14.6 | 9222 us 12.7 | 4499 us 13.1 | 4428 us 13.3 | 2896 us 12.7 | 15602 us 15.1 | 7175 us 16.4 |
 
-SmolLM2-135M token, GEMVs only, from the same run: F.linear fp32 204 ms, F.linear bf16 142 ms,
-int8pack_mm 166 ms, ours int8 61 ms, ours int4 46 ms, ours float bf16 112 ms (target on a quiet
-machine: int4 under ~6 ms).
+SmolLM2-135M token, GEMVs only (same run as its rows): F.linear fp32 57.5 ms, F.linear bf16 25.7 ms,
+int8pack_mm 23.6 ms, ours float fp32 36.4 ms, ours float bf16 18.5 ms, ours int8 10.5 ms, ours int4
+8.9 ms. int4 at K = 576 is compute-bound (18 blocks of 32 a row: the per-row work of the group terms
+and the final sum is a sixth of it), at K = 4096 and 14336 bandwidth-bound.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ class StepPlan:
     length: int  # L = max(seqlens)
     mask: torch.Tensor | None  # [B, 1, L, K] bool, K = cached slots + L; None: causal (or `window`)
     # The causal W-key band with no mask (attention.py): rows from position 0 longer than W without a
-    # cache, or one sequence's chunk through a windowed cache (its keys: cached ones, then the chunk's).
+    # cache, or one sequence's chunk through the cache (its keys: cached ones, then the chunk's; W
+    # spans them all for a model without a sliding window).
     window: int | None = None
     key_shift: int = 0  # a wrapped rolling row: its oldest cached position sits in this slot
     rows: slice | torch.Tensor | None = None  # cache rows of the B sequences
@@ -151,10 +152,12 @@ class KVCache:
         # Slots fill from 0 up; until a row wraps, attention only needs the filled prefix.
         used = max(min(start, self.slots) for start in starts_list)
         mask, window, key_shift = None, None, 0
-        if self.window is not None and len(seqlens) == 1:
+        if len(seqlens) == 1:
             # One sequence: its cached keys in position order (slots [0, used) in turn from the oldest
-            # position's, start % S, once wrapped), then the band over them and the chunk's own.
-            window, key_shift = self.window, starts_list[0] % self.slots if starts_list[0] >= self.slots else 0
+            # position's, start % S, once wrapped), then the band over them and the chunk's own. Without
+            # a sliding window the band spans every key: all cached keys, and the chunk's causally.
+            window = self.window or used + seqlens[0]
+            key_shift = starts_list[0] % self.slots if starts_list[0] >= self.slots else 0
         else:
             k_pos = torch.cat([self.slot_pos[row_index, :used], torch.where(q_valid, q_pos, -1)], dim=1)
             mask = _attention_mask(q_pos, k_pos, q_valid, self.window)

@@ -52,6 +52,21 @@ def test_window_rule_at_wrap_around(tiny_model):
     assert torch.allclose(steps[-1][0], base, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])
+@torch.no_grad()
+def test_chunked_prefill_of_one_sequence_equals_one_shot(window, chunk):
+    """One sequence's chunks attend to the cached keys in position order with no mask (attention.py's
+    band; without a window, one spanning every key): each chunk's logits equal the one-shot pass's."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(sliding_window=window)
+    ids = torch.randint(0, model.args.vocab_size, (23,), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(1, max_len=None if window else 32)
+    pieces = [model(ids[i:i + chunk], [len(ids[i:i + chunk])], cache) for i in range(0, len(ids), chunk)]
+    assert (torch.cat(pieces) - model(ids, [len(ids)])).abs().max().item() < 1e-4
+
+
 def test_full_attention_cache_refuses_to_overflow():
     args = mistral7b.ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=4,
                                norm_eps=1e-5, vocab_size=50)
