@@ -7,11 +7,14 @@ described by one `StepPlan` built once and shared by all layers:
   back afterwards (`pad_index`);
 * keys are the cached slots of each sequence followed by the step's own new tokens, and beside each
   key we know the absolute position it holds (-1 when empty or padding), so one rule gives the mask
-  of every case: same sequence, `k_pos <= q_pos` and `q_pos - k_pos < W`.
+  of every case: same sequence, `k_pos <= q_pos` and `q_pos - k_pos < W`. Two cases need no mask:
+  a decode step's rows all filled to the same slot (the common batch-1 decode), and one sequence's
+  pre-fill chunk, whose cached keys are read in position order so that attention.py's band applies.
 
 Cache layout: position p of a sequence lives in slot `p % S`, where S (slots per sequence) is the
 sliding window W for windowed models, so cache memory stops growing at W tokens per sequence.
-RoPE is applied before keys are cached, so slot order never matters.
+RoPE is applied before keys are cached, so slot order never matters to a mask (only the band
+needs position order, which a roll of the slots restores).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Weight-only int8 / int4 (and float) linear layers, with native CPU GEMV kernels for decode.
 
 Why native kernels: decoding one token is a chain of GEMVs (M = 1) that should run at the machine's
-memory bandwidth (~31 GB/s with 2 threads here), yet with 2 threads (AMD EPYC, AVX2, torch 2.13):
+memory bandwidth (~31 GB/s with 2 threads here by the issue's figure; a plain AVX2 read loop reached
+21-22 GB/s on 2026-11-27), yet with 2 threads (AMD EPYC, AVX2, torch 2.13):
 - F.linear (MKL/oneDNN) fp32 reaches ~30 GB/s only on small warm weights; cold or large it falls to
   8-17 GB/s (49152x576: 14 ms, 8 GB/s), and bf16 weights run at 11-14 GB/s. Profiling showed aten::mm
   at ~80 ms of a ~100 ms fp32 SmolLM2-135M token.
