@@ -32,8 +32,8 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 // [M, K/G]: gsum, the exact sum of x (the int4 min term is min * gsum), and gerr, 7.5 x (gsum minus
 // the sum of the quantized x) (the int4 centring term, see quantized_rows). tail [M, 2, 8]: gsum and
 // gerr of the last 8 groups with the lanes before the final ng % 8 zeroed, so that group_terms ends a
-// row with one vector step over groups [ng - 8, ng) instead of a scalar loop (which cost K = 576 rows
-// a third of their time). grp [K/32] maps a block to its group. Reused per calling thread to spare
+// row with one vector step over groups [ng - 8, ng) instead of a scalar loop (whose store-forwarding
+// stalls cost K = 576 rows a quarter of their time). grp [K/32] maps a block to its group. Reused per calling thread to spare
 // allocations per call.
 struct Activations {
   std::vector<int8_t> q;
@@ -90,7 +90,7 @@ Activations& quantize_activations(const T* x, int64_t M, int64_t K, int64_t G, b
   a.tail.assign(M * 16, 0.f);
   if (ng >= 8) {
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t i = 8 - ng % 8; i < 8 && ng % 8; ++i) {
+      for (int64_t i = 8 - ng % 8; i < 8; ++i) {  // none when ng % 8 == 0
         a.tail[m * 16 + i] = a.gsum[m * ng + ng - 8 + i];
         a.tail[m * 16 + 8 + i] = a.gerr[m * ng + ng - 8 + i];
       }
@@ -176,7 +176,7 @@ inline __m256 block_scales(const S* s, const int32_t* grp, int64_t b, bool per_b
 }
 
 // out[m0 + r, n] for r < R and n in [n0, n1): weight rows dotted block by block with R activation rows,
-// two blocks per step into two accumulators to hide the fma latency. Scales (and mins) of type S:
+// blocks alternating between two accumulators to hide the fma latency. Scales (and mins) of type S:
 // fp32, or fp16 (int4's default: 20 bytes per 32 weights instead of 24).
 // int4: w = q s + m with q in 0..15 and the activations x ~ xq d. Summing s q xq d + m x leaves the
 // error s q (xq d - x), as large as the weight range; adding 7.5 s (x - xq d) centres it to
