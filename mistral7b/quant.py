@@ -6,8 +6,9 @@ model's dtype; the packed formats and the matmul kernels live in `mistral7b.kern
 
 `quantize(model, "int8" | "int4", group_size)` swaps every `nn.Linear` of a loaded model for its
 quantized twin (the token embedding stays a float table: a lookup reads one row per token). A tied
-output projection gets its own quantized copy; per-channel int8 quantizes it in groups of 32. GGUF files whose tensors are already Q8_0 / Q4_0 /
-Q4_1 / Q4_K fill these layers directly (`from_gguf`), without a trip through fp32.
+output projection gets its own quantized copy; per-channel int8 quantizes it in groups of 32. GGUF
+files whose tensors are already Q8_0 / Q4_0 / Q4_1 / Q4_K fill these layers directly (`from_gguf`),
+without a trip through fp32.
 """
 
 from __future__ import annotations
