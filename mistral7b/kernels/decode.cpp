@@ -96,18 +96,14 @@ void gemv_rows(const Linear& l, const float* x, int64_t M, std::initializer_list
   }
   const Activations& a = quantize_activations(x, M, l.K, l.G, l.kind == Linear::kInt8 && Int8Block::wide);
   const auto* q = static_cast<const uint8_t*>(l.w);
-  auto run = [&](const auto* scales) {
-    using S = std::remove_cv_t<std::remove_pointer_t<decltype(scales)>>;
-    const S* mins = static_cast<const S*>(l.mins);
+  with_scales(l.scales, l.mins, l.half_scales, [&](const auto* scales, const auto* mins) {
     over_ranges([&](auto R, int64_t m0, int64_t p0, int64_t p1) {
       if (l.kind == Linear::kInt8)
         quantized_rows<Int8Block, decltype(R)::value>(a, m0, q, scales, mins, l.K, l.G, l.N, p0, p1, out);
       else
         quantized_rows<Int4Block, decltype(R)::value>(a, m0, q, scales, mins, l.K, l.G, l.N, p0, p1, out);
     });
-  };
-  if (l.half_scales) run(static_cast<const c10::Half*>(l.scales));
-  else run(static_cast<const float*>(l.scales));
+  });
 }
 
 // This thread's share [begin, end) of n items.

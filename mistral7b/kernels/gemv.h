@@ -165,6 +165,13 @@ inline __m256 group_terms(__m256 acc, const S* min, const S* scale, const float*
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return _cvtsh_ss(v.x); }  // F16C, one instruction
 
+// Calls fn(scales, mins) with both typed as stored: fp16 when `half`, else fp32 (mins may be null).
+template <typename Fn>
+void with_scales(const void* scales, const void* mins, bool half, Fn fn) {
+  if (half) fn(static_cast<const c10::Half*>(scales), static_cast<const c10::Half*>(mins));
+  else fn(static_cast<const float*>(scales), static_cast<const float*>(mins));
+}
+
 // The weight scales of blocks [b, b + 8) of a row whose groups are s (grp: block -> group).
 template <typename S>
 inline __m256 block_scales(const S* s, const int32_t* grp, int64_t b, bool per_block) {

@@ -65,15 +65,12 @@ at::Tensor quantized_gemv(const at::Tensor& x_, const at::Tensor& qw_, const at:
     const Activations& a = quantize_activations(x.data_ptr<T>(), M, K, G, Block::wide);
     const auto* q = reinterpret_cast<const uint8_t*>(qw.data_ptr());
     T* y = out.data_ptr<T>();
-    auto run = [&](const auto* s) {
-      using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
-      const S* mn = mins.defined() ? static_cast<const S*>(mins.data_ptr()) : nullptr;
-      over_rows(M, N, K / QK * Block::bytes, [&](auto R, int64_t m0, int64_t n0, int64_t n1) {
-        quantized_rows<Block, decltype(R)::value>(a, m0, q, s, mn, K, G, N, n0, n1, y);
-      });
-    };
-    if (scales.scalar_type() == at::kHalf) run(static_cast<const c10::Half*>(scales.data_ptr()));
-    else run(scales.data_ptr<float>());
+    with_scales(scales.data_ptr(), mins.defined() ? mins.data_ptr() : nullptr, scales.scalar_type() == at::kHalf,
+                [&](const auto* s, const auto* mn) {
+                  over_rows(M, N, K / QK * Block::bytes, [&](auto R, int64_t m0, int64_t n0, int64_t n1) {
+                    quantized_rows<Block, decltype(R)::value>(a, m0, q, s, mn, K, G, N, n0, n1, y);
+                  });
+                });
   });
   return out;
 }
