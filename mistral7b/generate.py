@@ -20,7 +20,7 @@ def generate(prompts: list[list[int]], model: Transformer, *, max_tokens: int, t
     """
     check_prompts(prompts, model.args.vocab_size)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop_token_ids=() if eos_id is None else (eos_id,), prompt_logprobs=0)
+                            stop_token_ids=() if eos_id is None else (eos_id,), logprobs=0, prompt_logprobs=0)
     longest = max(len(p) for p in prompts)
     chunk = chunk_size or model.args.sliding_window or longest
     engine = Engine(model, max_num_seqs=len(prompts), max_model_len=longest + max_tokens,

@@ -78,11 +78,20 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
     return logits
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, vocab] -> each row's most likely token [B] (the first on ties). Through numpy on the
+    CPU: torch's argmax over SmolLM2's 49k vocabulary took 80 us for one row and 1.9 ms for 8 rows
+    here (2 threads), numpy's 6 and 90 us; a decode token's budget is ~10 ms."""
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, vocab] (fp32) -> token ids [B]. temperature 0 is greedy (argmax)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]

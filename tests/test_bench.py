@@ -59,6 +59,10 @@ def test_bench_rounds_report_the_median_of_turns(tiny_hf, tmp_path):
     for speed in SPEEDS:
         assert row[speed] == sorted(r[speed] for r in row["rounds"])[1]
     assert "x 3 round(s)" in out.stdout
+    # The bandwidth is measured every round (it drifts); the shares use the rounds' median.
+    rounds = report["bandwidth_gb_s_rounds"]
+    assert len(rounds) == 3 and report["bandwidth_gb_s"] == sorted(rounds)[1]
+    assert row["bandwidth_pct"] == pytest.approx(100 * row["gb_s"] / report["bandwidth_gb_s"])
 
 
 @pytest.mark.parametrize("args, message", [

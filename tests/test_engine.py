@@ -127,3 +127,30 @@ def test_penalties_and_min_p():
     with pytest.raises(SamplingError) as e:
         SamplingParams(min_p=2.0)
     assert e.value.param == "min_p"
+
+
+def test_logprobs_only_when_asked_and_they_match_a_log_softmax(tiny_model):
+    engine = Engine(tiny_model, max_num_seqs=2)
+    plain, scored = Request(prompt(5, 7), SamplingParams(max_tokens=4)), Request(prompt(5, 7), SamplingParams(max_tokens=4, logprobs=3))
+    for r in (plain, scored):
+        engine.add_request(r)
+    outs = {plain.request_id: [], scored.request_id: []}
+    while engine.has_work:
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert all(o.new_logprobs == [] for o in outs[plain.request_id])
+    entries = [e for o in outs[scored.request_id] for e in o.new_logprobs]
+    tokens = [t for o in outs[scored.request_id] for t in o.new_tokens]
+    assert [e.token for e in entries] == tokens == [t for o in outs[plain.request_id] for t in o.new_tokens]
+    with torch.inference_mode():  # the first generated token's entry against the prompt's last logits
+        expected = torch.log_softmax(tiny_model(torch.tensor(scored.prompt), [5])[-1], dim=-1)
+    assert entries[0].logprob == pytest.approx(expected[tokens[0]].item(), abs=1e-5)
+    assert [t for t, _ in entries[0].top] == expected.topk(3).indices.tolist()
+
+
+def test_greedy_picks_the_first_maximum_like_torch():
+    from mistral7b.sampling import greedy
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    logits[2, [10, 500]] = 100.0  # a tie: the first index wins, as torch.argmax
+    assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert greedy(logits)[2] == 10

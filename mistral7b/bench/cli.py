@@ -214,8 +214,7 @@ def run(args) -> None:
     base = dict(model=str(path), prompts=prompts, decode_tokens=args.decode_tokens, repeat=args.repeat,
                 threads=threads)
     machine = _machine(threads)
-    print("bench: memory bandwidth ...", file=sys.stderr, flush=True)
-    bandwidth_gb_s = measure_bandwidth(threads, args.bandwidth_mib * 2**20)
+    bandwidths: list[float] = []
     with tempfile.TemporaryDirectory(prefix="mistral7b-bench-") as tmp:
         workers = Workers(Path(tmp))
         runs = [({"engine": "ours", "config": c.label, "dtype": c.dtype},
@@ -224,9 +223,13 @@ def run(args) -> None:
         runs += _peer_runs(workers, peers, configs, fmt, path, Path(tmp), base)
         results: list[list[dict]] = [[] for _ in runs]
         for _ in range(args.rounds):  # engines take turns, so each round compares them side by side
+            # Measured every round: this kind of VM's bandwidth drifts by up to 1.5x within minutes.
+            print("bench: memory bandwidth ...", file=sys.stderr, flush=True)
+            bandwidths.append(measure_bandwidth(threads, args.bandwidth_mib * 2**20))
             for (_, run_engine), kept in zip(runs, results):
                 kept.append(run_engine())
         rows = [_median_of_rounds(head, kept) for (head, _), kept in zip(runs, results)]
+    bandwidth_gb_s = statistics.median(bandwidths)
     # Decode step j (0-based) of batch 1 attends to prompt_tokens + j + 1 keys: on average this many.
     mean_context = args.prompt_tokens + (args.decode_tokens + 1) / 2
     for row in rows:
@@ -235,7 +238,8 @@ def run(args) -> None:
 
     print(f"{path.name}: {args.prompt_tokens} prompt tokens, {args.decode_tokens} decoded, batch {args.batch}, "
           f"{threads} threads, median of {args.repeat} passes x {args.rounds} round(s); memory bandwidth {bandwidth_gb_s:.1f} GB/s "
-          f"(load average {machine['load_average']:.1f} at the start)")
+          f"(median of the rounds' {', '.join(f'{b:.1f}' for b in bandwidths)}; load average {machine['load_average']:.1f} "
+          f"at the start)")
     print(speed_table(rows, args.batch, bandwidth_gb_s))
     ratios = ratio_table(rows, args.batch)
     if ratios:
@@ -246,6 +250,6 @@ def run(args) -> None:
                   "model": {"path": str(path), "format": fmt, "parameters": model_args.n_params},
                   "workload": {"prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
                                "batch": args.batch, "repeat": args.repeat, "rounds": args.rounds, "greedy": True, "ignore_eos": True},
-                  "bandwidth_gb_s": bandwidth_gb_s, "rows": rows}
+                  "bandwidth_gb_s": bandwidth_gb_s, "bandwidth_gb_s_rounds": bandwidths, "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError, Mistral7BError
 from ..model import Transformer
-from ..sampling import apply_penalties, sample
+from ..sampling import apply_penalties, greedy, sample
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
 
@@ -197,20 +197,24 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
         """logits [B, vocab] -> one new token per sequence, with stop and length checks."""
-        chosen = logits.argmax(dim=-1)  # greedy rows need nothing else
+        tokens = greedy(logits).tolist()  # greedy rows need nothing else
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.greedy and not p.penalized:
                 continue
             row = apply_penalties(logits[i], p, seq.prompt, seq.tokens) if p.penalized else logits[i]
-            chosen[i] = sample(row[None], temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                               min_p=p.min_p, generator=seq.generator)[0]
+            tokens[i] = int(sample(row[None], temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                   min_p=p.min_p, generator=seq.generator)[0])
+        # Log-probabilities only for the sequences that asked (a log-softmax over the vocabulary each).
+        asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        entries: list[list[TokenLogprob]] = [[] for _ in seqs]
+        if asked:
+            scored = _logprobs(logits[asked], [tokens[i] for i in asked], [seqs[i].params.logprobs for i in asked])
+            for i, entry in zip(asked, scored):
+                entries[i] = [entry]
         outputs = []
-        tokens = chosen.tolist()
-        entries = _logprobs(logits, tokens, [s.params.logprobs or 0 for s in seqs])
         for seq, token, entry in zip(seqs, tokens, entries):
             seq.tokens.append(token)
-            seq.logprobs.append(entry)
             self.generation_tokens_total += 1
             text = ""
             if token in seq.stop_ids:
@@ -226,7 +230,7 @@ class Engine:
                     text += seq.stops.push(seq.decoder.flush()) + seq.stops.flush()
                 self._release(seq)
             seq.text += text
-            outputs.append(self._output(seq, [token], text, [entry]))
+            outputs.append(self._output(seq, [token], text, entry))
         return outputs
 
     def _context_full(self, seq: Sequence) -> bool:

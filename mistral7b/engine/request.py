@@ -45,7 +45,6 @@ class Sequence:
         self.row: int | None = None
         self.prefilled = 0  # prompt tokens already fed
         self.tokens: list[int] = []  # generated ids; the last one is not yet fed
-        self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = [None]  # the first prompt token has none
         self.text = ""
         self.finish_reason: str | None = None
@@ -77,7 +76,7 @@ class SequenceOutput:
     index: int  # choice index among the request's n
     new_tokens: list[int]
     new_text: str
-    new_logprobs: list[TokenLogprob]
+    new_logprobs: list[TokenLogprob]  # one per new token when params.logprobs is set, else empty
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is done (if asked)
     arrival: float = 0.0  # the request's time.monotonic() on arrival (for latency metrics)
