@@ -26,6 +26,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights and compute dtype; auto keeps the checkpoint's (GGUF: fp32)")
     g.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 ... (default: cpu)")
     _quantize_flags(g)
+    g.add_argument("--kv-cache-dtype", choices=DTYPES, default="auto",
+                   help="dtype of the cached keys and values; auto: the model's, fp16 with --quantize (half "
+                        "the cache memory and bytes read per cached position)")
     g.add_argument("--lora", metavar="DIR", help="apply a LoRA adapter (ours or a PEFT adapter folder) to the model, "
                                                  "folded into its weights at load")
 
@@ -243,6 +246,7 @@ def _load_model(args):
     from . import load
     from .parallel import shard
     from .quant import check_quantize_args, quantize
+    from .weights import _parse_dtype
 
     if args.lora and shard():
         raise InputError("--lora with --tp: fold the adapter in first (mistral7b merge --lora DIR --out MERGED) "
@@ -258,6 +262,8 @@ def _load_model(args):
                              args.lora, merge=True)
         if args.quantize:
             quantize(model, args.quantize, args.group_size)
+    if args.kv_cache_dtype != "auto":
+        model.kv_cache_dtype = _parse_dtype(args.kv_cache_dtype)
     return model
 
 

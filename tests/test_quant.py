@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from test_cli import run_cli
+from test_cli import run_cli, tiny_folder  # noqa: F401 (a fixture)
 from test_gguf import ggml, ggml_dequantize, ggml_quantize, write_gguf
 
 import mistral7b
@@ -57,6 +57,30 @@ def test_quantized_model_stays_close(tiny_model, mode, group_size, tolerance):
     steps = [model(ids[:30], [30], cache)[-1:]] + [model(ids[i:i + 1], [1], cache) for i in range(30, 40)]
     rtol = 1e-3 if mode == "int8" else 3e-2
     assert torch.allclose(torch.cat(steps), out[29:], atol=rtol * out.abs().max().item())
+
+
+@torch.no_grad()
+def test_quantized_models_cache_keys_in_fp16_unless_told(tiny_model, tiny_folder):
+    # int8 (int16 activations): int4's int8 activations flip their rounding under any perturbation.
+    model = quantize(copy_of(tiny_model), "int8").fuse_projections()
+    assert tiny_model.new_cache(1, 8).k.dtype == torch.float32
+    assert model.new_cache(1, 8).k.dtype == torch.float16 == model.new_cache(1, 8).v.dtype
+    ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(3))
+
+    def decode(cache):  # a chunk, then token by token past the window (4): reads the cache both ways
+        return torch.cat([model(ids[:9], [9], cache)[-1:]] + [model(ids[i:i + 1], [1], cache) for i in range(9, 24)])
+
+    half = decode(model.new_cache(1, 64))
+    model.kv_cache_dtype = torch.float32
+    full = decode(model.new_cache(1, 64))
+    assert model.new_cache(1, 8).k.dtype == torch.float32
+    assert ((half - full).norm() / full.norm()).item() < 2e-3  # measured 3.5e-4
+    assert torch.equal(half.argmax(-1), full.argmax(-1))
+    # The CLI flag sets it for every command that loads a model.
+    from mistral7b.cli import _load_model, build_parser
+    args = build_parser().parse_args(["generate", "--model", str(tiny_folder), "--quantize", "int8",
+                                      "--kv-cache-dtype", "bf16", "--prompt-ids", "1"])
+    assert _load_model(args).new_cache(1, 8).k.dtype == torch.bfloat16
 
 
 @torch.no_grad()
