@@ -292,11 +292,14 @@ class Transformer(nn.Module):
             return torch.float16
         return self.dtype
 
-    def new_cache(self, max_seqs: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache on this model's device (W slots per sequence for windowed models), in `dtype`,
-        else `kv_cache_dtype` when set, else `default_kv_cache_dtype()`."""
-        dtype = dtype or self.kv_cache_dtype or self.default_kv_cache_dtype()
-        return KVCache(self.args, max_seqs, max_len, dtype=dtype, device=self.device)
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the caches new_cache() makes: `kv_cache_dtype` when set, else the default."""
+        return self.kv_cache_dtype or self.default_kv_cache_dtype()
+
+    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
+        """A KV cache in `cache_dtype` on this model's device (W slots per sequence for windowed models)."""
+        return KVCache(self.args, max_seqs, max_len, dtype=self.cache_dtype, device=self.device)
 
     def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None = None,
                 *, rows: list[int] | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:

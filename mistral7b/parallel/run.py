@@ -162,7 +162,7 @@ def load_everywhere(load_model: Callable[[], Transformer]) -> Transformer:
 
 class Leader:
     """Rank 0's model: the local shard, whose calls are first sent to the other ranks. Engine,
-    chat and server use it as a `Transformer` (args, device, dtype, new_cache, forward); logits
+    chat and server use it as a `Transformer` (args, device, dtype, cache_dtype, new_cache, forward); logits
     are whole on rank 0."""
 
     def __init__(self, model: Transformer, channel: _Channel):
@@ -181,6 +181,10 @@ class Leader:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.model.cache_dtype
 
     def fuse_projections(self) -> Leader:
         with self._channel.lock:

@@ -14,5 +14,5 @@ def kv_rows(model: Transformer, max_model_len: int | None, kv_cache_gb: float, m
     args = model.args
     slots = min(args.sliding_window, max_model_len) if args.sliding_window and max_model_len else (
         args.sliding_window or max_model_len)
-    per_seq = 2 * args.n_layers * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
+    per_seq = 2 * args.n_layers * slots * args.n_kv_heads * args.head_dim * model.cache_dtype.itemsize
     return max(1, min(max_num_seqs, int(kv_cache_gb * 2**30 // per_seq)))
