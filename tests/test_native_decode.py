@@ -39,13 +39,14 @@ def decode_logits(model, lengths=(5, 2, 9), steps=14, max_len=None):
 
 
 def both_paths(model, monkeypatch, **kwargs):
-    """(native, eager) logits of the same decode run."""
+    """(native, eager) logits of the same decode run (or, with `chunks`, pre-fill run)."""
     model.fuse_projections()
+    run = chunked_logits if "chunks" in kwargs else decode_logits
     with torch.no_grad():
-        native = decode_logits(model, **kwargs)
+        native = run(model, **kwargs)
         with monkeypatch.context() as m:
             m.setattr(Transformer, "_native_decode", lambda *a: None)
-            eager = decode_logits(model, **kwargs)
+            eager = run(model, **kwargs)
     return native, eager
 
 
@@ -93,6 +94,53 @@ def test_bf16_model_and_cache(monkeypatch):
     native, eager = both_paths(model, monkeypatch)
     # The native step keeps the residual stream in fp32 and rounds once per step; eager rounds per op.
     assert ((native - eager).norm() / eager.norm()).item() < 2e-2
+
+
+def chunked_logits(model, chunks, max_len=None):
+    """One sequence pre-filled chunk by chunk through a cache (the engine's path for one prompt)."""
+    cache = model.new_cache(1, max_len)
+    ids = torch.randint(0, model.args.vocab_size, (sum(chunks),), generator=torch.Generator().manual_seed(2))
+    pieces = ids.split(list(chunks))
+    return torch.cat([model(piece, [len(piece)], cache) for piece in pieces])
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_short_prefill_chunks_run_natively_until_the_buffer_wraps(monkeypatch, mode):
+    """A chunk of one sequence (<= GEMV_MAX_ROWS tokens) runs as that many rows of the native step,
+    each causal to the slots before it, while the rolling buffer has not wrapped; then eagerly."""
+    model = tiny(16)
+    model = quantize(model, mode) if mode else model
+    chunks = (5, 3, 7, 9)  # the last one crosses slot 16 (W): the buffer wraps, eager blocks
+    calls = native_calls(monkeypatch)
+    native, eager = both_paths(model, monkeypatch, chunks=chunks)
+    assert len(calls) == 3
+    # The same kernels. Quantized models cache in fp16, which the native step reads back for the chunk's
+    # own keys too (eager attends to them unrounded); int4's int8 activations then flip some rounding.
+    assert ((native - eager).norm() / eager.norm()).item() < {None: 1e-5, "int8": 1e-3, "int4": 2e-2}[mode]
+    full = both_paths(tiny(None), monkeypatch, chunks=(6, 20), max_len=64)  # no window: until max_len
+    assert ((full[0] - full[1]).norm() / full[1].norm()).item() < 1e-5
+
+
+def test_longer_prefill_runs_as_native_pieces_with_any_output_rows(monkeypatch):
+    """A one-sequence pre-fill of GEMV_MAX_ROWS < T <= NATIVE_PREFILL_TOKENS tokens runs as native
+    chunks of GEMV_MAX_ROWS; the logits asked for come back in the order asked, duplicates too."""
+    from mistral7b.model import NATIVE_PREFILL_TOKENS
+    model = tiny(None).fuse_projections()
+    T = 2 * kernels.GEMV_MAX_ROWS - 6
+    assert T <= NATIVE_PREFILL_TOKENS[torch.float32]
+    ids = torch.randint(0, model.args.vocab_size, (T,), generator=torch.Generator().manual_seed(4))
+    calls = native_calls(monkeypatch)
+    for wanted in (None, torch.tensor([T - 1, 3, 40, 40, 0])):  # 40: the second piece
+        with torch.no_grad():
+            native = model(ids, [T], model.new_cache(1, 128), output_rows=wanted)
+            assert len(calls) == 2
+            calls.clear()
+            with monkeypatch.context() as m:  # one eager chunk
+                m.setattr(Transformer, "_native_decode", lambda *a: None)
+                m.setattr(Transformer, "_prefill_in_native_pieces", lambda *a: None)
+                eager = model(ids, [T], model.new_cache(1, 128), output_rows=wanted)
+        assert native.shape == eager.shape == (T if wanted is None else len(wanted), model.args.vocab_size)
+        assert ((native - eager).norm() / eager.norm()).item() < 1e-5
 
 
 def test_falls_back_where_it_cannot_run(monkeypatch):
