@@ -306,9 +306,9 @@ class Transformer(nn.Module):
         """Every block of a decode step, or of one sequence's short pre-fill chunk, and the final norm
         as one native call (kernels.decode_step), h [T, dim] -> norm(h after the blocks) [T, dim]; None
         where that does not apply (see _native_rows and _native_blocks_or_none)."""
-        step = _native_rows(plan, cache)
-        weights = None if step is None else self._native_blocks_or_none(h, cache)
-        if weights is None:
+        weights = self._native_blocks_or_none(h, cache)
+        step = None if weights is None else _native_rows(plan, cache)
+        if step is None:
             return None
         attn = self.layers[0].attention
         return kernels.decode_step(h, *weights, self.args.norm_eps, attn.n_heads, attn.n_kv_heads,
@@ -321,9 +321,12 @@ class Transformer(nn.Module):
         instead of ~225), or None where the pieces could not all run natively (then one eager chunk is
         faster than several)."""
         T, row = input_ids.shape[0], (rows or [0])[0]
+        if T <= kernels.GEMV_MAX_ROWS or not 0 <= row < cache.max_seqs:  # decode steps (and bad rows: plan's error)
+            return None
+        if cache.lengths[row] + T > cache.slots:
+            return None
         weights = self.dtype if quantized_mode(self) is None else "quantized"
-        limit = NATIVE_PREFILL_TOKENS.get(weights, NATIVE_PREFILL_TOKENS_DEFAULT)
-        if not (kernels.GEMV_MAX_ROWS < T <= limit) or cache.lengths[row] + T > cache.slots:
+        if T > NATIVE_PREFILL_TOKENS.get(weights, NATIVE_PREFILL_TOKENS_DEFAULT):
             return None
         if self._native_blocks_or_none(self.tok_embeddings(input_ids[:kernels.GEMV_MAX_ROWS]), cache) is None:
             return None

@@ -176,3 +176,11 @@ def test_cast_after_fusing_falls_back_then_refuses_stale_weights(monkeypatch):
         refused = decode_logits(model, steps=3)
         assert calls
     assert ((native - refused).norm() / refused.norm()).item() < 2e-2
+
+
+def test_bad_rows_get_the_plans_error_not_an_index_error():
+    from mistral7b.errors import InputError
+    model = tiny(None).fuse_projections()
+    ids = torch.arange(2 * kernels.GEMV_MAX_ROWS) % model.args.vocab_size
+    with torch.no_grad(), pytest.raises(InputError, match="rows"):
+        model(ids, [len(ids)], model.new_cache(2, 128), rows=[5])
