@@ -30,7 +30,6 @@ class ChatSession:
                  max_len: int | None = None, chunk_size: int | None = None):
         self.tokenizer, self.params, self.system = tokenizer, params, system
         self.engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max_len, chunk_size=chunk_size)
-        self.cache = self.engine.cache
         self.row = self.engine.reserve_row()  # the conversation's sequence, kept between turns
         self.reset()
 
@@ -38,14 +37,19 @@ class ChatSession:
         """Start a new conversation (the system prompt stays)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.fed: list[int] = []  # token ids whose keys/values the cache holds, in order
-        self.cache.reset()
+        self.engine.reset(self.row)
         self.last: CompletionStream | None = None
+
+    def close(self) -> None:
+        """End the session: its cache row goes back to the engine."""
+        self.engine.release_row(self.row)
+        self.row = None
 
     def _reuse_cache(self, ids: list[int]) -> list[int]:
         """Make the cache hold a prefix of `ids`; return the tokens still to feed (at least one)."""
         keep = min(_common_prefix(self.fed, ids), len(ids) - 1)
-        if keep < len(self.fed) and not self.cache.truncate(self.row, keep):
-            self.cache.reset([self.row])
+        if keep < len(self.fed) and not self.engine.rewind(self.row, keep):
+            self.engine.reset(self.row)
             keep = 0
         self.fed = ids[:keep]
         return ids[keep:]
@@ -53,6 +57,8 @@ class ChatSession:
     def send(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer. Interrupting the stream (Ctrl-C) keeps
         the partial answer in the conversation; an error before any answer drops the turn."""
+        if self.row is None:
+            raise RuntimeError("this chat session is closed")
         self.messages.append({"role": "user", "content": text})
         ids = self.tokenizer.encode_chat(self.messages)
         new = self._reuse_cache(ids)
@@ -69,7 +75,7 @@ class ChatSession:
             if consistent:
                 self.fed = ids + completion.fed_tokens
             else:  # an exception may have landed inside a forward that wrote some layers only
-                self.cache.reset([self.row])
+                self.engine.reset(self.row)
                 self.fed = []
             if completion.tokens:
                 self.messages.append({"role": "assistant", "content": completion.text})

@@ -365,6 +365,7 @@ def _run_chat(args) -> None:
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(_stats(session.last), file=sys.stderr)
+    session.close()
 
 
 def _run_serve(args) -> None:

@@ -57,7 +57,7 @@ def run_ours(spec: dict) -> dict:
     result = measure(run_pass, prompts, decode_tokens, spec["repeat"])
     total, per_token = weight_bytes(model, model.tok_embeddings)
     a = model.args
-    element = engines[1].cache.k.element_size()  # the cache's own dtype (fp16 for quantized models)
+    element = engines[1].cache_dtype.itemsize  # the cache's own dtype (fp16 for quantized models)
     return {**result, "weight_bytes": total, "weight_bytes_per_token": per_token,
             "kv_bytes_per_position": kv_bytes_per_position(a.n_layers, a.n_kv_heads, a.head_dim, element)}
 

@@ -66,6 +66,10 @@ class Engine:
     def add_request(self, request: Request) -> Request:
         """Validate and queue a request; raises InputError for bad ones, QueueFull when full."""
         self.validate(request)
+        return self.enqueue(request)
+
+    def enqueue(self, request: Request) -> Request:
+        """Queue a request already validated (by `validate`); QueueFull when the queue is at its bound."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"the server is overloaded ({len(self.waiting)} requests waiting); retry later")
         self.waiting.append(request)
@@ -80,7 +84,7 @@ class Engine:
             raise InputError(f"n={n} is more than this server runs at once ({self.max_num_seqs})")
         if request.row is not None and n != 1:
             raise InputError("a request that continues a cache row takes n=1")
-        start = self.cache.lengths[request.row] if request.row is not None else 0
+        start = self.row_length(request.row) if request.row is not None else 0
         needed = start + len(request.prompt) + request.params.max_tokens
         if self.max_model_len is not None and needed > self.max_model_len:
             raise InputError(f"this model's maximum context length is {self.max_model_len} tokens, but "
@@ -96,15 +100,30 @@ class Engine:
                 self._release(seq)
         self.running = [s for s in self.running if not s.finished]
 
+    # -- reserved rows: a caller that continues one sequence across requests (chat) ----------
     def reserve_row(self) -> int:
-        """Take a cache row out of the pool for a caller that continues it across requests (chat)."""
+        """Take a cache row out of the pool; requests with `row=` continue what it holds."""
         if not self.free_rows:
             raise QueueFull("no free cache row")
         return self.free_rows.pop(0)
 
     def release_row(self, row: int) -> None:
-        self.cache.reset([row])
+        """Forget a row and give it back to the pool (a reserved row once its caller is done)."""
+        self.reset(row)
         self.free_rows.append(row)
+
+    def reset(self, row: int) -> None:
+        """Forget what a reserved row holds (a new conversation in the same row)."""
+        self.cache.reset([row])
+
+    def rewind(self, row: int, keep: int) -> bool:
+        """Cut a reserved row back to its first `keep` tokens (to re-feed a changed tail). False when
+        the rolling buffer has already evicted keys that needs: `reset` and re-feed then."""
+        return self.cache.truncate(row, keep)
+
+    def row_length(self, row: int) -> int:
+        """How many tokens a row holds (its next position)."""
+        return self.cache.lengths[row]
 
     @property
     def has_work(self) -> bool:
@@ -122,6 +141,11 @@ class Engine:
     def kv_usage(self) -> float:
         """Fraction of cache rows in use."""
         return 1 - len(self.free_rows) / self.max_num_seqs
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type (the model's `cache_dtype` when the engine was made)."""
+        return self.cache.k.dtype
 
     # -- one iteration ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -238,8 +262,7 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         if seq.request.row is None and seq.row is not None:
-            self.cache.reset([seq.row])
-            self.free_rows.append(seq.row)
+            self.release_row(seq.row)
             seq.row = None
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, logprobs: list[TokenLogprob]) -> SequenceOutput:
