@@ -18,6 +18,7 @@ import time
 import torch
 
 import mistral7b
+from mistral7b.runner import Runner
 
 
 def main() -> None:
@@ -31,14 +32,15 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = mistral7b.load(args.model, quantize=args.quantize).fuse_projections()
+    model = mistral7b.load(args.model, quantize=args.quantize)
+    runner = Runner(model)
     prompt = torch.randint(0, model.args.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
     caches = {}
     with torch.inference_mode():
         for dtype in (torch.float16, torch.float32):
             model.kv_cache_dtype = dtype
             cache = model.new_cache(1, args.context + args.rounds * args.tokens + 1)
-            model(prompt, [args.context], cache, output_rows=torch.tensor([args.context - 1]))
+            runner(prompt, [args.context], cache, output_rows=torch.tensor([args.context - 1]))
             caches[dtype] = cache
         times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in caches}
         token = torch.tensor([5])
@@ -46,7 +48,7 @@ def main() -> None:
             for dtype, cache in caches.items():
                 start = time.perf_counter()
                 for _ in range(args.tokens):
-                    model(token, [1], cache)
+                    runner(token, [1], cache)
                 times[dtype].append((time.perf_counter() - start) / args.tokens * 1e3)
     print(f"{args.quantize}, {args.context} cached positions, {args.threads} threads, ms per decoded token:")
     for dtype, ms in times.items():

@@ -19,6 +19,7 @@ import torch
 
 import mistral7b
 from mistral7b.quant import quantize
+from mistral7b.runner import Runner
 
 TEXT = """The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a
 goldsmith from Mainz, combined several existing technologies into a system that could produce books
@@ -42,9 +43,8 @@ more clearly about our own time."""
 @torch.inference_mode()
 def score(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     """(perplexity, argmax per position) of ids, decoded one token at a time through a KV cache."""
-    model.fuse_projections()
-    cache = model.new_cache(1, len(ids) + 1)
-    logits = torch.cat([model(ids[i:i + 1], [1], cache) for i in range(len(ids))])
+    runner, cache = Runner(model), model.new_cache(1, len(ids) + 1)
+    logits = torch.cat([runner(ids[i:i + 1], [1], cache) for i in range(len(ids))])
     nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
     return math.exp(nll.item()), logits.argmax(-1)
 

@@ -20,6 +20,7 @@ from torch import nn
 import mistral7b
 from mistral7b.bench.measure import measure_bandwidth
 from mistral7b.quant import Int4Linear, Int8Linear, QuantLinear
+from mistral7b.runner import Runner
 
 
 def random_quantized(model: mistral7b.Transformer, mode: str) -> mistral7b.Transformer:
@@ -58,7 +59,8 @@ def main() -> None:
     with torch.device("meta"):
         model = mistral7b.Transformer(margs)
     start = time.perf_counter()
-    model = random_quantized(model, args.mode).fuse_projections()
+    model = random_quantized(model, args.mode)
+    runner = Runner(model)
     built = time.perf_counter() - start
     weight_bytes = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
     per_token = weight_bytes + margs.dim * 4  # every linear once, one embedding row
@@ -66,13 +68,13 @@ def main() -> None:
     cache = model.new_cache(1)
     prompt = torch.randint(0, margs.vocab_size, (16,))
     with torch.inference_mode():
-        model(prompt, [16], cache)
+        runner(prompt, [16], cache)
         token = torch.tensor([1])
         for _ in range(4):
-            model(token, [1], cache)
+            runner(token, [1], cache)
         start = time.perf_counter()
         for _ in range(args.tokens):
-            model(token, [1], cache)
+            runner(token, [1], cache)
         seconds = time.perf_counter() - start
     tok_s = args.tokens / seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

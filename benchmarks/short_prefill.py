@@ -3,8 +3,9 @@
     python benchmarks/short_prefill.py [--model PATH] [--configs int4,bf16,fp32] [--tokens 8,16,32,40,64,128]
 
 For each config, each prompt length: the best of 5 pre-fills of a fresh cache row, logits of the last
-position only, 2 threads by default. Up to 32 tokens a chunk runs as rows of the native decode step,
-longer prompts (to 128 tokens, 64 with fp32 weights) as consecutive such chunks (mistral7b/model.py).
+position only, 2 threads by default, cut into chunks as the engine cuts a lone prompt: up to 32
+tokens a chunk runs as rows of the native decode step, longer prompts (to 128 tokens, 64 with fp32
+weights) as consecutive such chunks (`Runner.preferred_chunk`, mistral7b/runner.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import torch
 
 import mistral7b
+from mistral7b.runner import Runner
 
 
 def main() -> None:
@@ -31,17 +33,21 @@ def main() -> None:
     print("config  " + "".join(f"{n:>9d}" for n in lengths))
     for config in args.configs.split(","):
         kwargs = {"quantize": config} if config.startswith("int") else {"dtype": config}
-        model = mistral7b.load(args.model, **kwargs).fuse_projections()
-        cache = model.new_cache(1, max(lengths))
+        runner = Runner(mistral7b.load(args.model, **kwargs))
+        cache = runner.new_cache(1, max(lengths))
         cells = []
         for n in lengths:
-            ids = torch.randint(0, model.args.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
+            ids = torch.randint(0, runner.args.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
 
             def prefill() -> float:
                 cache.reset()
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    model(ids, [n], cache, output_rows=torch.tensor([n - 1]))
+                    fed = 0
+                    while fed < n:
+                        k = runner.preferred_chunk(cache, 0, n - fed) or n - fed
+                        runner(ids[fed:fed + k], [k], cache, output_rows=torch.tensor([k - 1]))
+                        fed += k
                 return time.perf_counter() - start
 
             prefill()

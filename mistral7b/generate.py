@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .engine import Engine, Request
-from .engine.engine import check_prompts
+from .engine.engine import check_prompts, default_chunk_size
 from .model import Transformer
 from .sampling import SamplingParams
 
@@ -22,7 +22,7 @@ def generate(prompts: list[list[int]], model: Transformer, *, max_tokens: int, t
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop_token_ids=() if eos_id is None else (eos_id,), logprobs=0, prompt_logprobs=0)
     longest = max(len(p) for p in prompts)
-    chunk = chunk_size or model.args.sliding_window or longest
+    chunk = chunk_size or default_chunk_size(model.args, longest)
     engine = Engine(model, max_num_seqs=len(prompts), max_model_len=longest + max_tokens,
                     max_tokens_per_step=len(prompts) * chunk, chunk_size=chunk)
     requests = [engine.add_request(Request(list(p), params)) for p in prompts]

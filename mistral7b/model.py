@@ -11,22 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .args import ModelArgs
 from .attention import attend
 from .cache import KVCache, StepPlan, plan_without_cache
-from .quant import QuantLinear, quantized_mode
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias) whose few-row products (decode) use mistral7b.kernels' GEMV: at batch 1
-    a BLAS call's fixed cost is most of the time of a small matrix."""
+    """nn.Linear without bias: every projection of the model."""
 
     def __init__(self, in_features: int, out_features: int, **kwargs):
         super().__init__(in_features, out_features, bias=False, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.float_linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -63,68 +57,6 @@ def _to_padded(x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return x.view(plan.batch, plan.length, *x.shape[1:]).transpose(1, 2)
 
 
-def _weight_ptr(module: nn.Module) -> int:
-    """Address of a layer's weight data (-1: none): it changes when the weight is replaced or cast."""
-    weight = module.qweight if isinstance(module, QuantLinear) else getattr(module, "weight", None)
-    return -1 if weight is None else weight.data_ptr()
-
-
-class FusedProjection:
-    """Projections of the same input (q/k/v, or gate/up) as one matmul: at batch 1 every matmul
-    call has a fixed cost, so three calls cost more than one three times the size.
-
-    The parts become views of the fused weight (no extra memory), and this object lives outside
-    the module tree, so state_dict, saving, LoRA and tensor parallelism still see only the parts.
-    Anything that replaces a part or its weight (LoRA wrapping, a dtype cast) makes `matches`
-    false, and the caller falls back to the separate projections.
-    """
-
-    def __init__(self, parts: list[nn.Module]):
-        self.parts = parts
-        self.sizes = [p.out_features for p in parts]
-        if all(hasattr(p, "concat") and type(p) is type(parts[0]) for p in parts):  # quant.QuantLinear
-            self.linear = type(parts[0]).concat(parts)
-            bind = lambda part, a, b: part.view_rows_of(self.linear, a, b)
-        elif all(isinstance(p, nn.Linear) and p.bias is None for p in parts):
-            weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
-            self.linear = Linear(weight.shape[1], weight.shape[0], device="meta")
-            self.linear.weight = nn.Parameter(weight, requires_grad=False)
-            bind = lambda part, a, b: setattr(part, "weight", nn.Parameter(weight[a:b], part.weight.requires_grad))
-        else:
-            raise TypeError("only plain or identically quantized linear layers without bias can be fused")
-        start = 0
-        for part, size in zip(parts, self.sizes):
-            bind(part, start, start + size)
-            start += size
-        self.ptrs = [_weight_ptr(p) for p in parts]
-
-    def matches(self, parts: list[nn.Module]) -> bool:
-        return all(a is b for a, b in zip(parts, self.parts)) and [_weight_ptr(p) for p in parts] == self.ptrs
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x).split(self.sizes, dim=-1)
-
-
-def _kernel_tensors(linear: nn.Module) -> list[torch.Tensor] | None:
-    """A linear layer as kernels.decode_step takes it, or None when the native step cannot run it
-    (a LoRA or tensor-parallel wrapper, an fp16 weight)."""
-    if type(linear) is Linear and linear.weight.dtype in (torch.float32, torch.bfloat16):
-        return [linear.weight]
-    if isinstance(linear, QuantLinear):
-        return [getattr(linear, name) for name in linear.tensor_names]
-    return None
-
-
-def _matching(fused: FusedProjection | None, parts: list[nn.Module]) -> FusedProjection | None:
-    """`fused` if it still computes exactly `parts`, else None."""
-    return fused if fused is not None and fused.matches(parts) else None
-
-
-def _fused_or_none(fused: FusedProjection | None, parts: list[nn.Module]) -> FusedProjection | None:
-    # Training needs the parts' own parameters in the autograd graph.
-    return None if torch.is_grad_enabled() else _matching(fused, parts)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -133,21 +65,17 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
-        self.fused_qkv: FusedProjection | None = None
-
-    def fuse(self) -> None:
-        self.fused_qkv = FusedProjection([self.wq, self.wk, self.wv])
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, dim] -> q [T, H*hd], k, v [T, Hkv*hd]."""
-        parts = [self.wq, self.wk, self.wv]
-        fused = _fused_or_none(self.fused_qkv, parts)
-        return fused(x) if fused else tuple(p(x) for p in parts)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, plan: StepPlan,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.project_qkv(x)
+        """x [T, dim] -> [T, dim]."""
+        return self.wo(self.mix(self.wq(x), self.wk(x), self.wv(x), rope, plan, cache, layer))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, plan: StepPlan,
+            cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Projected q [T, H*hd], k, v [T, Hkv*hd] -> attention output [T, H*hd] (before wo): RoPE,
+        the cache's keys and values, and the plan's attention."""
+        T = q.shape[0]
         q = apply_rope(q.view(T, self.n_heads, self.head_dim), rope)  # [T, H, hd]
         k = apply_rope(k.view(T, self.n_kv_heads, self.head_dim), rope)  # [T, Hkv, hd]
         v = v.view(T, self.n_kv_heads, self.head_dim)
@@ -155,7 +83,7 @@ class Attention(nn.Module):
             keys, values = cache.append_and_read(layer, plan, k, v)  # [B, Hkv, used, hd]
             # In the activations' dtype: a cache may be stored coarser (fp16 for quantized models).
             out = attend(q[:, :, None], keys.to(q.dtype), values.to(q.dtype), plan)  # [B, H, 1, hd]
-            return self.wo(out.reshape(T, -1))
+            return out.reshape(T, -1)
 
         qp, kp, vp = _to_padded(q, plan), _to_padded(k, plan), _to_padded(v, plan)  # [B, heads, L, hd]
         if cache is not None:
@@ -165,9 +93,7 @@ class Attention(nn.Module):
             cache.write(layer, plan, k, v)  # after reading: the mask refers to the old slots
         out = attend(qp, kp, vp, plan)  # [B, H, L, hd]
         out = out.transpose(1, 2).reshape(plan.batch * plan.length, -1)  # [B*L, H*hd]
-        if plan.pad_index is not None:
-            out = out[plan.pad_index]
-        return self.wo(out)
+        return out if plan.pad_index is None else out[plan.pad_index]
 
 
 class FeedForward(nn.Module):
@@ -176,15 +102,9 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.dim, args.hidden_dim)  # gate
         self.w2 = Linear(args.hidden_dim, args.dim)  # down
         self.w3 = Linear(args.dim, args.hidden_dim)  # up
-        self.fused_gate_up: FusedProjection | None = None
-
-    def fuse(self) -> None:
-        self.fused_gate_up = FusedProjection([self.w1, self.w3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = _fused_or_none(self.fused_gate_up, [self.w1, self.w3])
-        gate, up = fused(x) if fused else (self.w1(x), self.w3(x))  # [T, hidden] each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU: [T, dim] -> [T, hidden] -> [T, dim]
 
 
 class TransformerBlock(nn.Module):
@@ -194,66 +114,10 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
-        self._native_key, self._native = None, None  # see native_weights
-
-    def native_weights(self) -> tuple[list[torch.Tensor], list[int]] | None:
-        """The block as kernels.decode_step takes it: ([attention_norm, ffn_norm, *qkv, *wo, *gate_up,
-        *down], [tensors in qkv, wo, gate_up, down]), or None when it cannot run natively (unfused,
-        LoRA- or tensor-parallel-wrapped projections, fp16 weights).
-        Validating every module per token would cost more than the layer's arithmetic, so the result
-        is kept while the block holds the same modules and fused projections (a LoRA wrap, a
-        quantization or re-fusing replaces them); `_apply` (casts, moves) drops it."""
-        attn, ffn = self.attention, self.feed_forward
-        key = (*self._modules.values(), *attn._modules.values(), *ffn._modules.values(),
-               attn.fused_qkv, ffn.fused_gate_up)
-        if self._native_key != key:
-            self._native_key, self._native = key, self._build_native_weights()
-        return self._native
-
-    def _apply(self, fn, *args, **kwargs):
-        self._native_key = self._native = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _build_native_weights(self) -> tuple[list[torch.Tensor], list[int]] | None:
-        attn, ffn = self.attention, self.feed_forward
-        qkv = _matching(attn.fused_qkv, [attn.wq, attn.wk, attn.wv])
-        gate_up = _matching(ffn.fused_gate_up, [ffn.w1, ffn.w3])
-        if qkv is None or gate_up is None:
-            return None
-        linears = [_kernel_tensors(m) for m in (qkv.linear, attn.wo, gate_up.linear, ffn.w2)]
-        if any(t is None for t in linears) or type(self.attention_norm) is not RMSNorm or type(self.ffn_norm) is not RMSNorm:
-            return None
-        return [self.attention_norm.weight, self.ffn_norm.weight, *sum(linears, [])], [len(t) for t in linears]
 
     def forward(self, x, rope, plan, cache, layer):
         h = x + self.attention(self.attention_norm(x), rope, plan, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
-
-
-# Longest pre-fill of one sequence run as native chunks of GEMV_MAX_ROWS tokens. Measured on SmolLM2,
-# 2 threads, against one eager chunk: fp32 weights break even at 64 tokens (MKL's matmul on the whole
-# chunk); bf16 (whose eager matmul is slow here) and int8/int4 (dequantized tiles) gain up to 128 and
-# beyond: bf16 3.9x at 128 tokens, int4 1.7x at 64 and about even at 128.
-NATIVE_PREFILL_TOKENS = {torch.float32: 64}
-NATIVE_PREFILL_TOKENS_DEFAULT = 128
-
-
-def _native_rows(plan: StepPlan, cache: KVCache) -> tuple | None:
-    """kernels.decode_step's view of a step, (write_dst [T], used slots, mask [T, used] or None,
-    positions [T]), where it can run the step; else None. A decode step's rows are its sequences. One
-    sequence's pre-fill chunk of T <= GEMV_MAX_ROWS tokens runs as T rows of that sequence, each token
-    attending to the slots up to its own, while the chunk does not wrap the rolling buffer (slot j then
-    holds position j): the eager blocks' ~15 ops per layer cost a short prompt (a chat turn) as much as
-    its GEMVs."""
-    if plan.decode:
-        return plan.write_dst, plan.used_slots, None if plan.mask is None else plan.mask[:, 0, 0], plan.positions
-    if plan.batch != 1 or plan.mask is not None or plan.key_shift or plan.length > kernels.GEMV_MAX_ROWS:
-        return None
-    end = int(plan.positions[-1]) + 1  # the chunk fills slots [0, end)
-    if end > cache.slots:
-        return None
-    causal = torch.arange(end, device=plan.positions.device)[None, :] <= plan.positions[:, None]  # [T, end]
-    return plan.write_dst, end, causal, plan.positions
 
 
 class Transformer(nn.Module):
@@ -270,7 +134,6 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         if args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self._native_blocks, self._native_flat = [], None  # see _native_decode
         self.kv_cache_dtype: torch.dtype | None = None  # None: default_kv_cache_dtype()
 
     @property
@@ -281,75 +144,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
 
-    def fuse_projections(self) -> Transformer:
-        """Compute q/k/v and gate/up as one matmul each at inference (idempotent; call it again
-        after quantizing or casting). The engine does this for every model it runs."""
-        for layer in self.layers:
-            layer.attention.fuse()
-            layer.feed_forward.fuse()
-        return self
-
-    def _native_blocks_or_none(self, h: torch.Tensor, cache: KVCache) -> tuple | None:
-        """(weights, linear_sizes) of every block for kernels.decode_step, or None where it cannot run
-        (autograd, too many rows, a block it cannot run)."""
-        if not kernels.decode_step_available(h, cache.k) or type(self.norm) is not RMSNorm:
-            return None
-        blocks = [layer.native_weights() for layer in self.layers]
-        if any(b is None for b in blocks):
-            return None
-        if len(blocks) != len(self._native_blocks) or any(a is not b for a, b in zip(blocks, self._native_blocks)):
-            self._native_blocks = blocks  # flattened once: the per-block results are cached objects
-            self._native_flat = [t for tensors, _ in blocks for t in tensors], [n for _, sizes in blocks for n in sizes]
-        return self._native_flat
-
-    def _native_decode(self, h: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor | None:
-        """Every block of a decode step, or of one sequence's short pre-fill chunk, and the final norm
-        as one native call (kernels.decode_step), h [T, dim] -> norm(h after the blocks) [T, dim]; None
-        where that does not apply (see _native_rows and _native_blocks_or_none)."""
-        weights = self._native_blocks_or_none(h, cache)
-        step = None if weights is None else _native_rows(plan, cache)
-        if step is None:
-            return None
-        attn = self.layers[0].attention
-        return kernels.decode_step(h, *weights, self.args.norm_eps, attn.n_heads, attn.n_kv_heads,
-                                   cache.k, cache.v, *step, self.args.rope_theta, self.norm.weight)
-
-    def _prefill_in_native_pieces(self, input_ids: torch.Tensor, cache: KVCache, rows: list[int] | None,
-                                  output_rows: torch.Tensor | None) -> torch.Tensor | None:
-        """One sequence's pre-fill of GEMV_MAX_ROWS < T <= NATIVE_PREFILL_TOKENS tokens as consecutive
-        native chunks of GEMV_MAX_ROWS (SmolLM2 int4, 2 threads: a 40-token chat prompt ~145 ms
-        instead of ~225), or None where the pieces could not all run natively (then one eager chunk is
-        faster than several)."""
-        T, row = input_ids.shape[0], (rows or [0])[0]
-        if T <= kernels.GEMV_MAX_ROWS or not 0 <= row < cache.max_seqs:  # decode steps (and bad rows: plan's error)
-            return None
-        if cache.lengths[row] + T > cache.slots:
-            return None
-        weights = self.dtype if quantized_mode(self) is None else "quantized"
-        if T > NATIVE_PREFILL_TOKENS.get(weights, NATIVE_PREFILL_TOKENS_DEFAULT):
-            return None
-        if self._native_blocks_or_none(self.tok_embeddings(input_ids[:kernels.GEMV_MAX_ROWS]), cache) is None:
-            return None
-        wanted = torch.arange(T) if output_rows is None else output_rows.to("cpu", torch.long)
-        positions, logits = [], []
-        for start in range(0, T, kernels.GEMV_MAX_ROWS):
-            piece = input_ids[start:start + kernels.GEMV_MAX_ROWS]
-            inside = torch.unique(wanted[(wanted >= start) & (wanted < start + len(piece))])  # sorted
-            # The last position's logits stand in where a piece has none wanted (the output GEMV is cheap).
-            out = self.forward(piece, [len(piece)], cache, rows=rows,
-                               output_rows=(inside if len(inside) else torch.tensor([len(piece) - 1]) + start) - start)
-            if len(inside):
-                positions.append(inside)
-                logits.append(out)
-        positions, logits = torch.cat(positions), torch.cat(logits)  # positions ascending, unique
-        return logits[torch.searchsorted(positions, wanted)]
-
     def default_kv_cache_dtype(self) -> torch.dtype:
         """The model's dtype, but fp16 for weight-quantized models computing in fp32: their keys and
         values need not be stored finer than their weights, and fp16 halves the cache's memory and the
         bytes a decode step reads per cached position (at Mistral 7B's 4096-token window: 512 MiB per
         sequence instead of 1 GiB). llama.cpp keeps an fp16 cache by default likewise."""
-        if self.dtype == torch.float32 and quantized_mode(self) is not None:
+        integer_weights = any(not b.is_floating_point() for b in self.buffers())  # mistral7b.quant's layers
+        if self.dtype == torch.float32 and integer_weights:
             return torch.float16
         return self.dtype
 
@@ -362,6 +163,15 @@ class Transformer(nn.Module):
         """A KV cache in `cache_dtype` on this model's device (W slots per sequence for windowed models)."""
         return KVCache(self.args, max_seqs, max_len, dtype=self.cache_dtype, device=self.device)
 
+    def plan(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None,
+             rows: list[int] | None) -> StepPlan:
+        """The step's attention plan (shared by every layer), after checking the packed input."""
+        if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
+            raise ValueError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
+        if cache is None:
+            return plan_without_cache(seqlens, self.args.sliding_window, input_ids.device)
+        return cache.plan(seqlens, rows)
+
     def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None = None,
                 *, rows: list[int] | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] (sequences packed back to back, len(seqlens) of them) -> logits [T, vocab] fp32.
@@ -370,26 +180,14 @@ class Transformer(nn.Module):
         and their keys/values are appended; without one, each sequence starts at position 0.
         `output_rows` [N] picks the positions whose logits are wanted (-> [N, vocab]): a pre-fill
         needs only its last one, and the vocabulary projection is a large share of the work.
+        (mistral7b.runner runs this same model faster for inference.)
         """
-        if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
-            raise ValueError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
-        if cache is None:
-            plan = plan_without_cache(seqlens, self.args.sliding_window, input_ids.device)
-        else:
-            if len(seqlens) == 1:
-                pieces = self._prefill_in_native_pieces(input_ids, cache, rows, output_rows)
-                if pieces is not None:
-                    return pieces
-            plan = cache.plan(seqlens, rows)
+        plan = self.plan(input_ids, seqlens, cache, rows)
         h = self.tok_embeddings(input_ids)  # [T, dim]
-        normed = self._native_decode(h, plan, cache) if cache is not None else None  # all blocks, then the norm
-        if normed is None:
-            rope = rope_rotation(plan.positions, self.args.head_dim, self.args.rope_theta)
-            for i, layer in enumerate(self.layers):
-                h = layer(h, rope, plan, cache, i)
-            normed = self.norm(h if output_rows is None else h[output_rows])
-        elif output_rows is not None:
-            normed = normed[output_rows]
+        rope = rope_rotation(plan.positions, self.args.head_dim, self.args.rope_theta)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, plan, cache, i)
+        normed = self.norm(h if output_rows is None else h[output_rows])
         if cache is not None:
             cache.commit(plan, seqlens, rows)
         return self.output(normed).float()

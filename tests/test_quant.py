@@ -14,6 +14,7 @@ import mistral7b
 from mistral7b import kernels
 from mistral7b.errors import InputError
 from mistral7b.quant import Int4Linear, Int8Linear, QuantLinear, quantize, quantized_mode
+from mistral7b.runner import Runner, execution_of
 from mistral7b.weights.gguf_quant import pack
 
 TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
@@ -29,10 +30,9 @@ def copy_of(model):
 
 def decode_perplexity(model, ids: torch.Tensor) -> float:
     """Perplexity of ids fed one token at a time through a KV cache (the engine's decode path)."""
-    model.fuse_projections()
-    cache = model.new_cache(1, len(ids))
+    runner, cache = Runner(model), model.new_cache(1, len(ids))
     with torch.inference_mode():
-        logits = torch.cat([model(ids[i:i + 1], [1], cache) for i in range(len(ids))])
+        logits = torch.cat([runner(ids[i:i + 1], [1], cache) for i in range(len(ids))])
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
 
 
@@ -52,9 +52,8 @@ def test_quantized_model_stays_close(tiny_model, mode, group_size, tolerance):
     # Decode through the engine's path (fused projections, cache, batch-1 GEMV) equals one-shot up
     # to the GEMV's rounding of the activations: int16 for int8 weights (measured 5e-5 of the logit
     # range), int8 per 32 for int4 (~0.5% per GEMV, compounding: measured 1.3% at G32, 2.2% at G64).
-    model.fuse_projections()
-    cache = model.new_cache(1, 64)
-    steps = [model(ids[:30], [30], cache)[-1:]] + [model(ids[i:i + 1], [1], cache) for i in range(30, 40)]
+    runner, cache = Runner(model), model.new_cache(1, 64)
+    steps = [runner(ids[:30], [30], cache)[-1:]] + [runner(ids[i:i + 1], [1], cache) for i in range(30, 40)]
     rtol = 1e-3 if mode == "int8" else 3e-2
     assert torch.allclose(torch.cat(steps), out[29:], atol=rtol * out.abs().max().item())
 
@@ -62,13 +61,14 @@ def test_quantized_model_stays_close(tiny_model, mode, group_size, tolerance):
 @torch.no_grad()
 def test_quantized_models_cache_keys_in_fp16_unless_told(tiny_model, tiny_folder):
     # int8 (int16 activations): int4's int8 activations flip their rounding under any perturbation.
-    model = quantize(copy_of(tiny_model), "int8").fuse_projections()
+    model = quantize(copy_of(tiny_model), "int8")
+    runner = Runner(model)
     assert tiny_model.new_cache(1, 8).k.dtype == torch.float32
     assert model.new_cache(1, 8).k.dtype == torch.float16 == model.new_cache(1, 8).v.dtype
     ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(3))
 
     def decode(cache):  # a chunk, then token by token past the window (4): reads the cache both ways
-        return torch.cat([model(ids[:9], [9], cache)[-1:]] + [model(ids[i:i + 1], [1], cache) for i in range(9, 24)])
+        return torch.cat([runner(ids[:9], [9], cache)[-1:]] + [runner(ids[i:i + 1], [1], cache) for i in range(9, 24)])
 
     half = decode(model.new_cache(1, 64))
     model.kv_cache_dtype = torch.float32
@@ -85,9 +85,9 @@ def test_quantized_models_cache_keys_in_fp16_unless_told(tiny_model, tiny_folder
 
 @torch.no_grad()
 def test_fused_quantized_projection_is_a_view(tiny_model):
-    model = quantize(copy_of(tiny_model), "int4").fuse_projections()
+    model = quantize(copy_of(tiny_model), "int4")
     attention = model.layers[0].attention
-    fused = attention.fused_qkv.linear
+    fused = execution_of(model).layers[0].qkv.linear
     assert attention.wq.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
     x = torch.randn(1, 64)
     assert torch.allclose(torch.cat([attention.wq(x), attention.wk(x), attention.wv(x)], -1), fused(x), atol=1e-5)

@@ -22,6 +22,7 @@ from .peers import run_llama_cpp, run_transformers
 def run_ours(spec: dict) -> dict:
     import mistral7b
     from mistral7b.engine import Engine, Request
+    from mistral7b.engine.engine import default_chunk_size
     from mistral7b.sampling import SamplingParams
 
     set_threads(spec["threads"])
@@ -36,8 +37,7 @@ def run_ours(spec: dict) -> dict:
         raise
     prompts, decode_tokens = spec["prompts"], spec["decode_tokens"]
     prompt_len = len(prompts[0])
-    # As the library's generate(): the whole prompt in one chunk (a window's worth for windowed models).
-    chunk = model.args.sliding_window or prompt_len
+    chunk = default_chunk_size(model.args, prompt_len)  # as the library's generate()
     engines = {n: Engine(model, max_num_seqs=n, max_model_len=prompt_len + decode_tokens + 1,
                          max_tokens_per_step=n * chunk, chunk_size=chunk) for n in {1, len(prompts)}}
 

@@ -11,11 +11,15 @@ models, so memory per sequence is constant however long it runs); requests wait 
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 import torch
 
+from ..args import ModelArgs
+from ..cache import KVCache
 from ..errors import InputError, Mistral7BError
 from ..model import Transformer
+from ..runner import Runner
 from ..sampling import apply_penalties, greedy, sample
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
@@ -36,15 +40,38 @@ def context_limit(model: Transformer) -> int | None:
     return None if model.args.sliding_window is not None else model.args.max_seq_len
 
 
+class StepModel(Protocol):
+    """What the engine needs of a model: a `Runner` (one process) or a tensor-parallel `Leader`."""
+
+    args: ModelArgs
+    device: torch.device
+    cache_dtype: torch.dtype
+
+    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache: ...
+
+    def preferred_chunk(self, cache: KVCache, row: int, remaining: int) -> int | None: ...
+
+    def __call__(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None = None, *,
+                 rows: list[int] | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def default_chunk_size(args: ModelArgs, prompt_tokens: int) -> int:
+    """Pre-fill chunk when none is asked for: a window's worth for windowed models (a chunk then
+    never attends past the keys it brings), else the whole prompt."""
+    return args.sliding_window or prompt_tokens
+
+
 class QueueFull(Mistral7BError):
     """The waiting queue is at its bound: the caller should retry later (HTTP 503)."""
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer=None, *, max_num_seqs: int = 32,
+    def __init__(self, model: Transformer | StepModel, tokenizer=None, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_tokens_per_step: int = 256,
                  chunk_size: int | None = None, max_queue: int = 1024):
-        self.model, self.tokenizer = model.fuse_projections(), tokenizer
+        # The engine runs models through a Runner (routes, fused projections, native weights).
+        self.model: StepModel = Runner(model) if isinstance(model, Transformer) else model
+        self.tokenizer = tokenizer
         limit = context_limit(model)  # None for windowed models: their cache rolls
         if max_model_len is not None and limit is not None:
             max_model_len = min(max_model_len, limit)
@@ -53,7 +80,7 @@ class Engine:
             raise InputError("the model's context length is unknown: pass max_model_len")
         self.cache = model.new_cache(max_num_seqs, self.max_model_len)
         self.max_num_seqs = max_num_seqs
-        self.chunk_size = chunk_size or model.args.sliding_window or max_tokens_per_step
+        self.chunk_size = chunk_size or default_chunk_size(model.args, max_tokens_per_step)
         self.max_tokens_per_step = max(max_tokens_per_step, max_num_seqs)
         self.max_queue = max_queue
         self.free_rows = list(range(max_num_seqs))
@@ -194,6 +221,9 @@ class Engine:
                 n = min(self.chunk_size, len(seq.prompt) - seq.prefilled, budget)
                 batch.append((seq, n))
                 budget -= n
+        if len(batch) == 1 and batch[0][0].prefilling:  # a lone prompt: the runner may cut it finer
+            seq, n = batch[0]
+            batch = [(seq, self.model.preferred_chunk(self.cache, seq.row, n) or n)]
         return batch
 
     def _process(self, batch: list[tuple[Sequence, int]], logits: tuple[torch.Tensor, ...]) -> list[SequenceOutput]:

@@ -1,11 +1,11 @@
 """Running a tensor-parallel model under torchrun: rank 0 leads, the other ranks follow.
 
 Rank 0 runs the command (generate, chat, the HTTP server) with a `Leader` in place of its model.
-Before each call that reaches the model (load, a new KV cache, a forward, a method such as
-`fuse_projections`), the leader broadcasts it to the followers, which make the same call on their
-own shard in `follow`. Messages go over a gloo group of their own (CPU, with no timeout worth
-the name: an idle server sends nothing for hours), as an int64 header [kind, 7 fields] and, for
-some kinds, an int64 payload. The model's own collectives use the default group (gloo or NCCL).
+Before each call that reaches the model (load, a new KV cache, a forward), the leader broadcasts
+it to the followers, which make the same call on their own shard in `follow`. Messages go over a
+gloo group of their own (CPU, with no timeout worth the name: an idle server sends nothing for
+hours), as an int64 header [kind, 7 fields] and, for some kinds, an int64 payload. The model's
+own collectives use the default group (gloo or NCCL).
 
 KV caches: every rank's cache must hold the same positions. A forward carries the lengths of its
 rows on rank 0; between forwards a row can only shrink (`reset`, `truncate`, which forget the
@@ -31,12 +31,12 @@ import torch.distributed as dist
 from ..cache import KVCache
 from ..errors import CheckpointError, InputError, Mistral7BError
 from ..model import Transformer
+from ..runner import Runner
 from .shard import Shard
 
-_STOP, _LOAD, _CALL, _CACHE, _FORWARD = range(5)
+_STOP, _LOAD, _CACHE, _FORWARD = range(4)
 _HEADER = 8
 _IDLE = timedelta(days=365)  # how long followers wait for rank 0's next message
-_CALLS = ("fuse_projections",)  # model methods rank 0's callers may run, mirrored on every rank
 
 _channel: _Channel | None = None
 
@@ -162,11 +162,13 @@ def load_everywhere(load_model: Callable[[], Transformer]) -> Transformer:
 
 class Leader:
     """Rank 0's model: the local shard, whose calls are first sent to the other ranks. Engine,
-    chat and server use it as a `Transformer` (args, device, dtype, cache_dtype, new_cache, forward); logits
+    chat and server use it as they use a `Runner` (engine.StepModel: args, device, dtype, cache_dtype,
+    new_cache, preferred_chunk, forward); logits
     are whole on rank 0."""
 
     def __init__(self, model: Transformer, channel: _Channel):
         self.model, self._channel = model, channel
+        self.runner = Runner(model)  # every rank runs its shard through a Runner (see follow)
         self._cache_ids: weakref.WeakKeyDictionary[KVCache, int] = weakref.WeakKeyDictionary()
         self._next_id = itertools.count()
 
@@ -186,11 +188,8 @@ class Leader:
     def cache_dtype(self) -> torch.dtype:
         return self.model.cache_dtype
 
-    def fuse_projections(self) -> Leader:
-        with self._channel.lock:
-            self._channel.send(_CALL, _CALLS.index("fuse_projections"))
-            self.model.fuse_projections()
-        return self
+    def preferred_chunk(self, cache: KVCache, row: int, remaining: int) -> int | None:
+        return self.runner.preferred_chunk(cache, row, remaining)
 
     def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
         cache = self.model.new_cache(max_seqs, max_len)
@@ -215,12 +214,12 @@ class Leader:
         with self._channel.lock:
             self._channel.send(_FORWARD, self._cache_ids[cache] if cache is not None else -1, len(seqlens),
                                input_ids.numel(), -1 if output_rows is None else outputs.numel(), payload=payload)
-            return self.model(input_ids, seqlens, cache, rows=rows, output_rows=output_rows)
+            return self.runner(input_ids, seqlens, cache, rows=rows, output_rows=output_rows)
 
 
 def follow(load_model: Callable[[], Transformer]) -> None:
     """The loop of ranks > 0 under `launch`: make rank 0's calls on this rank's shard until it stops."""
-    model: Transformer | None = None
+    model: Runner | None = None
     caches: dict[int, KVCache] = {}
     while True:
         try:
@@ -231,12 +230,11 @@ def follow(load_model: Callable[[], Transformer]) -> None:
         if kind == _STOP:
             return
         if kind == _LOAD:
-            model, error = _try(load_model)
+            loaded, error = _try(load_model)
+            model = Runner(loaded) if error is None else None
             if error is not None and not isinstance(error, Mistral7BError):
                 traceback.print_exception(error)  # a bug: rank 0 reports it in one line, the trace is here
             _channel.gather_errors(error and _describe(error))
-        elif kind == _CALL:
-            getattr(model, _CALLS[fields[0]])()
         elif kind == _CACHE:
             ident, max_seqs, max_len, n_alive = fields[:4]
             alive = set(_channel.receive(n_alive).tolist())
@@ -247,7 +245,7 @@ def follow(load_model: Callable[[], Transformer]) -> None:
 
 
 @torch.inference_mode()
-def _forward(model: Transformer, caches: dict[int, KVCache], cache_id: int, batch: int, tokens: int,
+def _forward(model: Runner, caches: dict[int, KVCache], cache_id: int, batch: int, tokens: int,
              n_outputs: int) -> None:
     payload = _channel.receive(3 * batch + tokens + max(n_outputs, 0))
     seqlens, rows, lengths, ids, outputs = payload.split([batch, batch, batch, tokens, max(n_outputs, 0)])
