@@ -52,16 +52,18 @@ class ThreadedEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def check_capacity(self, n_requests: int = 1) -> None:
-        """QueueFull when n more requests would pass the waiting queue's bound."""
+    def submit(self, requests: list[Request]) -> list[AsyncIterator[SequenceOutput]]:
+        """Validate the requests and check the queue has room for them all, before any is queued
+        (InputError -> the caller's 400, QueueFull -> 503); -> one output stream per request. A
+        stream queues its request when first read; leaving it early (client gone) aborts it."""
+        for request in requests:
+            self.engine.validate(request)
         waiting = self.engine.num_waiting + self._incoming.qsize()
-        if waiting + n_requests > self.engine.max_queue:
+        if waiting + len(requests) > self.engine.max_queue:
             raise QueueFull(f"the server is overloaded ({waiting} requests waiting); retry later")
+        return [self._outputs(request) for request in requests]
 
-    async def generate(self, request: Request) -> AsyncIterator[SequenceOutput]:
-        """Submit a request and yield its outputs; leaving early (client gone) aborts it."""
-        self.engine.validate(request)  # InputError -> the caller's 400, before anything is queued
-        self.check_capacity()
+    async def _outputs(self, request: Request) -> AsyncIterator[SequenceOutput]:
         listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
         self._listeners[request.request_id] = listener
         self._incoming.put(request)
@@ -84,8 +86,13 @@ class ThreadedEngine:
     def _apply_handovers(self) -> None:
         while not self._incoming.empty():
             request = self._incoming.get()
-            if request.request_id in self._listeners:  # not already abandoned
-                self.engine.waiting.append(request)
+            listener = self._listeners.get(request.request_id)
+            if listener is None:  # already abandoned
+                continue
+            try:
+                self.engine.enqueue(request)  # validated by submit()
+            except QueueFull as e:  # others filled the queue since submit() looked
+                listener.loop.call_soon_threadsafe(listener.queue.put_nowait, e)
         while not self._aborts.empty():
             self.engine.abort(self._aborts.get())
 

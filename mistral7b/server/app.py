@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI). This module owns HTTP only: parsing,
-errors, streaming; the engine thread does the work and `responses.py` shapes the bodies."""
+errors, streaming; the engine thread does the work and `responses.py` shapes the bodies.
+
+The routes are module-level; what they serve (one `Serving`) lives on `app.state.serving`.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,15 @@ import asyncio
 import contextlib
 import json
 import secrets
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..engine import Engine, QueueFull, Request
+from ..engine import Engine, QueueFull, Request, SequenceOutput
 from ..engine.threaded import ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
@@ -34,163 +37,200 @@ def _error(status: int, message: str, type: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": status}}, status_code=status)
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    metrics = Metrics()
-    worker = ThreadedEngine(engine, on_step=metrics.on_step, on_token=metrics.on_token)
+class Serving:
+    """What the routes serve: the engine's thread, the tokenizer, the model's name and limits, metrics."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        worker.shutdown()
+    def __init__(self, engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None):
+        self.metrics = Metrics()
+        self.worker = ThreadedEngine(engine, on_step=self.metrics.on_step, on_token=self.metrics.on_token)
+        self.tokenizer, self.model_name, self.api_key = tokenizer, model_name, api_key
+        self.max_len = engine.max_model_len
+        self.model_args = engine.model.args
 
-    app = FastAPI(title="mistral7b", version=__version__, lifespan=lifespan)
-    app.state.worker = worker
-    max_len = engine.max_model_len
-
-    # -- errors: the OpenAI/vLLM body, never a 500 for a client's mistake ----------------------
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return _error(e.status, e.message, e.type, e.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", "BadRequestError", loc)
-
-    @app.exception_handler(InputError)
-    async def _input(_, e: InputError):
-        return _error(400, str(e), "BadRequestError")
-
-    @app.exception_handler(SamplingError)
-    async def _sampling(_, e: SamplingError):
-        return _error(400, str(e), "BadRequestError", e.param)
-
-    @app.exception_handler(QueueFull)
-    async def _full(_, e: QueueFull):
-        return _error(503, str(e), "ServiceUnavailableError")
-
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                              "AuthenticationError")
-        return await call_next(request)
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{model_name}`).",
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
                            type="NotFoundError", param="model")
 
-    # -- informational routes ------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {}
+    def default_max_tokens(self, prompt_len: int) -> int:
+        return self.max_len - prompt_len if self.max_len is not None else (self.model_args.max_seq_len or 4096)
 
-    @app.get("/version")
-    async def version():
-        return {"version": __version__}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": responses.now(),
-                                            "owned_by": "mistral7b", "root": model_name, "max_model_len": max_len}]}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
-        if body.messages is not None:
-            ids = tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
-        else:
-            ids = tokenizer.encode(body.prompt, bos=tokenizer.add_bos and body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < engine.model.args.vocab_size]
-        if bad:
-            raise APIError(400, f"token id(s) {bad[:5]} are outside the vocabulary", param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        names = {v: k for k, v in tokenizer.special_tokens.items()}
-        return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
-                "bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id),
-                "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "add_bos_token": tokenizer.add_bos,
-                "stop_token_ids": tokenizer.stop_ids, "model_max_length": max_len,
-                "chat_template": getattr(tokenizer, "chat_template", None)}
-
-    # -- generation ----------------------------------------------------------------------------
-    def default_max_tokens(prompt_len: int) -> int:
-        return max_len - prompt_len if max_len is not None else (engine.model.args.max_seq_len or 4096)
-
-    async def run_all(requests: list[Request], http: HTTPRequest) -> list[list]:
-        """Collect every output of every request; abort them if the client goes away."""
-        async def collect(r: Request) -> list:
-            return [out async for out in worker.generate(r)]
-
-        task = asyncio.gather(*(collect(r) for r in requests))
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await http.is_disconnected():
-                task.cancel()  # each generator's finally aborts its request in the engine
-                raise APIError(499, "client disconnected")
-        return task.result()
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
-        check_model(body.model)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if body.best_of not in (None, body.n):
-            raise APIError(400, "best_of is not supported (use n)", param="best_of")
-        prompts = _prompt_ids(body.prompt, tokenizer)
-        requests = []
-        for ids in prompts:
-            max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens(len(ids))
-            params = body.sampling(max_tokens=max_tokens, logprobs=body.logprobs,
-                                   prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
-            requests.append(Request(ids, params))
-        for r in requests:
-            engine.validate(r)
-        worker.check_capacity(len(requests))
-        shaper = responses.Completions(tokenizer, model_name, prompts, body)
-        if body.stream:
-            return _sse(shaper.stream(_merge([worker.generate(r) for r in requests])), include_usage=
-                        bool(body.stream_options and body.stream_options.include_usage), usage=shaper.usage)
-        return shaper.response(await run_all(requests, http))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        check_model(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "response_format other than text is not supported", param="response_format")
-        ids = tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = body.sampling(max_tokens=max_tokens if max_tokens is not None else default_max_tokens(len(ids)),
-                               logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-        request = Request(ids, params)
-        engine.validate(request)
-        worker.check_capacity(1)
-        shaper = responses.ChatCompletions(tokenizer, model_name, ids, body)
-        if body.stream:
-            return _sse(shaper.stream(_merge([worker.generate(request)])), include_usage=
-                        bool(body.stream_options and body.stream_options.include_usage), usage=shaper.usage)
-        return shaper.response((await run_all([request], http))[0])
-
+def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="mistral7b", version=__version__, lifespan=_lifespan)
+    app.state.serving = Serving(engine, tokenizer, model_name=model_name, api_key=api_key)
+    for error, handler in _ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    app.include_router(router)
+    app.include_router(v1)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    app.state.serving.worker.shutdown()
+
+
+# -- errors: the OpenAI/vLLM body, never a 500 for a client's mistake --------------------------
+async def _api_error(_, e: APIError):
+    return _error(e.status, e.message, e.type, e.param)
+
+
+async def _invalid(_, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+    return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", "BadRequestError", loc)
+
+
+async def _input(_, e: InputError):
+    return _error(400, str(e), "BadRequestError")
+
+
+async def _sampling(_, e: SamplingError):
+    return _error(400, str(e), "BadRequestError", e.param)
+
+
+async def _full(_, e: QueueFull):
+    return _error(503, str(e), "ServiceUnavailableError")
+
+
+_ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, InputError: _input,
+                   SamplingError: _sampling, QueueFull: _full}
+
+
+# -- dependencies ------------------------------------------------------------------------------
+async def _serving(http: HTTPRequest) -> Serving:
+    return http.app.state.serving
+
+
+ServingDep = Annotated[Serving, Depends(_serving)]
+
+
+async def _authorize(http: HTTPRequest, serving: ServingDep) -> None:
+    """With --api-key, the /v1 routes want `Authorization: Bearer KEY`. A dependency, not an HTTP
+    middleware: Starlette's BaseHTTPMiddleware hides the client's disconnect from the route."""
+    expected = f"Bearer {serving.api_key}".encode()
+    if serving.api_key and not secrets.compare_digest(http.headers.get("authorization", "").encode(), expected):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", type="AuthenticationError")
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+
+
+# -- informational routes ----------------------------------------------------------------------
+@router.get("/health")
+async def health():
+    return {}
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}
+
+
+@v1.get("/models")
+async def models(serving: ServingDep):
+    name = serving.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": responses.now(),
+                                        "owned_by": "mistral7b", "root": name, "max_model_len": serving.max_len}]}
+
+
+@router.get("/metrics")
+async def prometheus(serving: ServingDep):
+    return Response(generate_latest(serving.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, serving: ServingDep):
+    serving.check_model(body.model)
+    tokenizer = serving.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
+    if body.messages is not None:
+        ids = tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+    else:
+        ids = tokenizer.encode(body.prompt, bos=tokenizer.add_bos and body.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, serving: ServingDep):
+    serving.check_model(body.model)
+    bad = [t for t in body.tokens if not 0 <= t < serving.model_args.vocab_size]
+    if bad:
+        raise APIError(400, f"token id(s) {bad[:5]} are outside the vocabulary", param="tokens")
+    return {"prompt": serving.tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(serving: ServingDep):
+    tokenizer = serving.tokenizer
+    names = {v: k for k, v in tokenizer.special_tokens.items()}
+    return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+            "bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id),
+            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "add_bos_token": tokenizer.add_bos,
+            "stop_token_ids": tokenizer.stop_ids, "model_max_length": serving.max_len,
+            "chat_template": getattr(tokenizer, "chat_template", None)}
+
+
+# -- generation --------------------------------------------------------------------------------
+@v1.post("/completions")
+async def completions(body: CompletionRequest, http: HTTPRequest, serving: ServingDep):
+    serving.check_model(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "best_of is not supported (use n)", param="best_of")
+    prompts = _prompt_ids(body.prompt, serving.tokenizer)
+    requests = []
+    for ids in prompts:
+        max_tokens = body.max_tokens if body.max_tokens is not None else serving.default_max_tokens(len(ids))
+        params = body.sampling(max_tokens=max_tokens, logprobs=body.logprobs,
+                               prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+        requests.append(Request(ids, params))
+    shaper = responses.Completions(serving.tokenizer, serving.model_name, prompts, body)
+    return await _answer(serving, requests, shaper, body, http)
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, serving: ServingDep):
+    serving.check_model(body.model)
+    if body.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise APIError(400, "response_format other than text is not supported", param="response_format")
+    ids = serving.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
+                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    shaper = responses.ChatCompletions(serving.tokenizer, serving.model_name, ids, body)
+    return await _answer(serving, [Request(ids, params)], shaper, body, http)
+
+
+async def _answer(serving: Serving, requests: list[Request], shaper, body, http: HTTPRequest):
+    """The ending both generation routes share: submit the requests (validated there, once), then
+    stream SSE chunks or answer with the whole body."""
+    streams = serving.worker.submit(requests)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(shaper.stream(_merge(streams)), include_usage=include_usage, usage=shaper.usage)
+    return shaper.response(await _collect(streams, http))
+
+
+async def _collect(streams: list[AsyncIterator[SequenceOutput]], http: HTTPRequest) -> list[list[SequenceOutput]]:
+    """Every output of every request; abort them all if the client goes away."""
+    async def drain(stream: AsyncIterator[SequenceOutput]) -> list[SequenceOutput]:
+        return [out async for out in stream]
+
+    task = asyncio.gather(*(drain(s) for s in streams))
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done and await http.is_disconnected():
+            task.cancel()  # each stream's finally aborts its request in the engine
+            raise APIError(499, "client disconnected")
+    return task.result()
 
 
 def _prompt_ids(prompt, tokenizer) -> list[list[int]]:

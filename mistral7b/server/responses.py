@@ -145,7 +145,8 @@ class ChatCompletions(_Shaper):
         return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries]}
 
-    def response(self, outputs: list[SequenceOutput]) -> dict:
+    def response(self, results: list[list[SequenceOutput]]) -> dict:
+        [outputs] = results  # one request: the conversation
         choices = []
         for j, c in sorted(_group(outputs).items()):
             self.completion_tokens += len(c["tokens"])
