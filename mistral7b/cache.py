@@ -27,6 +27,15 @@ from .args import ModelArgs
 from .errors import InputError
 
 
+def slots_per_sequence(args: ModelArgs, max_len: int | None) -> int:
+    """Cache slots one sequence holds, whatever its length: the sliding window W for windowed
+    models (fewer when max_len is shorter), else max_len."""
+    window = args.sliding_window
+    if max_len is None and window is None:
+        raise ValueError("a cache for a model without sliding window needs max_len")
+    return min(window, max_len) if window is not None and max_len is not None else (window or max_len)
+
+
 @dataclass
 class StepPlan:
     """Metadata of one packed forward, shared by all layers. B sequences, padded length L, T tokens."""
@@ -101,10 +110,7 @@ class KVCache:
     def __init__(self, args: ModelArgs, max_seqs: int, max_len: int | None = None, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         window = args.sliding_window
-        if max_len is None and window is None:
-            raise ValueError("a cache for a model without sliding window needs max_len")
-        # A windowed model never needs more than W slots; a shorter max_len needs fewer.
-        self.slots = min(window, max_len) if window is not None and max_len is not None else (window or max_len)
+        self.slots = slots_per_sequence(args, max_len)
         # Rolling over (p % S) is only exact when S covers the whole window.
         self.rolling = window is not None and self.slots == window
         self.window = window
@@ -183,7 +189,7 @@ class KVCache:
         (p % S overwrites position p - S, which the window no longer shows) and attention reads
         the rows' first `used` slots in place, with no copy of the cache.
 
-        Planned from Python ints (small tensor ops cost ~30 us each here, a token's budget is ~10 ms):
+        Planned from Python ints (each small tensor op costs a visible share of a CPU decode step):
         slots fill from 0 up (p % S) and a rolling row keeps exactly the last S = W positions, so
         after the write a row at position p holds valid keys in slots [0, min(p + 1, S)) and
         nothing else; the mask only marks each row's filled prefix."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..cache import slots_per_sequence
 from ..model import Transformer
 from .app import create_app
 
@@ -12,7 +13,6 @@ def kv_rows(model: Transformer, max_model_len: int | None, kv_cache_gb: float, m
     """How many sequences fit a KV budget of kv_cache_gb: each holds S slots (the window for
     windowed models, else max_model_len), whatever its length."""
     args = model.args
-    slots = min(args.sliding_window, max_model_len) if args.sliding_window and max_model_len else (
-        args.sliding_window or max_model_len)
+    slots = slots_per_sequence(args, max_model_len)
     per_seq = 2 * args.n_layers * slots * args.n_kv_heads * args.head_dim * model.cache_dtype.itemsize
     return max(1, min(max_num_seqs, int(kv_cache_gb * 2**30 // per_seq)))
