@@ -246,7 +246,7 @@ def _load_model(args):
     from . import load
     from .parallel import shard
     from .quant import check_quantize_args, quantize
-    from .weights import _parse_dtype
+    from .weights import parse_dtype
 
     if args.lora and shard():
         raise InputError("--lora with --tp: fold the adapter in first (mistral7b merge --lora DIR --out MERGED) "
@@ -263,7 +263,7 @@ def _load_model(args):
         if args.quantize:
             quantize(model, args.quantize, args.group_size)
     if args.kv_cache_dtype != "auto":
-        model.kv_cache_dtype = _parse_dtype(args.kv_cache_dtype)
+        model.kv_cache_dtype = parse_dtype(args.kv_cache_dtype)
     return model
 
 

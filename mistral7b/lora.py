@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def _target_modules(model: Transformer, targets: tuple[str, ...]):
+def target_modules(model: Transformer, targets: tuple[str, ...]):
     """(our name prefix 'layers.i.attention.wq', parent module, attribute) for every target layer."""
     for i, block in enumerate(model.layers):
         for name in targets:
@@ -144,7 +144,7 @@ def _target_modules(model: Transformer, targets: tuple[str, ...]):
 def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
     """Freeze every parameter of `model` and wrap the target layers in place; returns `model`."""
     model.requires_grad_(False)
-    for _, parent, name in _target_modules(model, config.targets):
+    for _, parent, name in target_modules(model, config.targets):
         module = getattr(parent, name)
         if isinstance(module, LoRALinear):
             raise ConfigError("the model already carries a LoRA adapter")

@@ -200,14 +200,14 @@ def run(args) -> None:
     import torch
 
     from ..defaults import default_model_path
-    from ..weights import _READERS, detect_format
+    from ..weights import READERS, detect_format
     from .measure import measure_bandwidth
 
     _check_flags(args)
     configs, peers = parse_configs(args.configs), parse_peers(args.peers)
     path = (Path(args.model) if args.model else default_model_path()).resolve()
     fmt = detect_format(path)
-    model_args = _READERS[fmt].read_args(path)
+    model_args = READERS[fmt].read_args(path)
     threads = args.threads or torch.get_num_threads()
     rng = random.Random(0)
     prompts = [[rng.randrange(model_args.vocab_size) for _ in range(args.prompt_tokens)] for _ in range(args.batch)]

@@ -29,7 +29,7 @@ from .. import lora
 from ..errors import InputError
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
-from ..weights import _parse_dtype, load, save
+from ..weights import parse_dtype, load, save
 from ..weights.common import build_model
 from . import checkpoint, distributed
 from .data import Batches, MicroBatch, read_jsonl
@@ -115,7 +115,7 @@ def _prepare_model(cfg: TrainConfig, device: torch.device, world: int) -> Transf
         dtype = "bf16" if cfg.lora and device.type == "cuda" else "fp32"
     # FSDP moves each rank's shards to the device itself: the whole model never has to fit there.
     fsdp = cfg.parallel == "fsdp" and world > 1
-    model = load(cfg.model, dtype=_parse_dtype(dtype), device="cpu" if fsdp else device)
+    model = load(cfg.model, dtype=parse_dtype(dtype), device="cpu" if fsdp else device)
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
     if cfg.lora:
         if cfg.quantize:
@@ -134,7 +134,7 @@ def _quantize_targets(model: Transformer, targets: tuple[str, ...], mode: str) -
     from ..quant import Int4Linear, Int8Linear
 
     layer = {"int8": Int8Linear, "int4": Int4Linear}[mode]
-    for _, parent, name in lora._target_modules(model, targets):
+    for _, parent, name in lora.target_modules(model, targets):
         weight = getattr(parent, name).weight
         setattr(parent, name, layer.from_float(weight.detach()).to(weight.device))
 

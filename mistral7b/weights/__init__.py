@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("reference", "hf")  # formats we write; we read these and GGUF
 # Each reader module offers read_args(path), weight_files(path) and read_tensors(path, args, part_of=None).
-_READERS = {"reference": reference, "hf": hf, "gguf": gguf}
+READERS = {"reference": reference, "hf": hf, "gguf": gguf}
 
 
 def detect_format(path: Path) -> str:
@@ -37,7 +37,8 @@ def detect_format(path: Path) -> str:
                           "a folder with config.json + model.safetensors, or a .gguf file)")
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype name as the CLI and configs give it (fp32, bf16, fp16, ...) -> torch dtype; None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -64,7 +65,7 @@ def load(path: str | os.PathLike | None, *, dtype: torch.dtype | str | None = No
     check_quantize_args(quantize, group_size)
     path = default_model_path() if path is None else Path(path)
     fmt = detect_format(path)
-    module = _READERS[fmt]
+    module = READERS[fmt]
     full_args = module.read_args(path)
     args = shard.local_args(full_args) if shard else full_args
     files = module.weight_files(path)
@@ -73,7 +74,7 @@ def load(path: str | os.PathLike | None, *, dtype: torch.dtype | str | None = No
     total = sum(f.stat().st_size for f in files)
     show = progress if progress is not None else total > 2**30
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not show) as bar:
-        model = build_model(args, tensors, source=path, dtype=_parse_dtype(dtype), device=device, progress=bar.update)
+        model = build_model(args, tensors, source=path, dtype=parse_dtype(dtype), device=device, progress=bar.update)
     if shard:
         model = shard.parallelize(model, full_args)
     return quantize_model(model, quantize, group_size) if quantize else model

@@ -10,7 +10,7 @@ from typing import Any
 from safetensors import safe_open
 
 from ..defaults import default_model_path
-from . import _READERS, detect_format
+from . import READERS, detect_format
 from .gguf import open_file
 
 
@@ -28,7 +28,7 @@ def _tensor_types(files: list[Path]) -> Counter:
 def describe(path: str | os.PathLike | None) -> dict[str, Any]:
     path = Path(path) if path is not None else default_model_path()
     fmt = detect_format(path)
-    reader = _READERS[fmt]
+    reader = READERS[fmt]
     args = reader.read_args(path)
     files = reader.weight_files(path)
     size = sum(f.stat().st_size for f in files)
