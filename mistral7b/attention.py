@@ -30,8 +30,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) ->
 
 def default_block(window: int) -> int:
     """Queries per block. A block of b queries computes b x (b + W - 1) scores for b x W useful ones,
-    so smaller is less waste; but on CPU, SDPA calls of fewer than ~768 queries ran 1.5-2x slower per
-    score (smaller internal tiles). Measured best: 768 at W=1024; 1024 of 512/1024/2048 at W=4096."""
+    so smaller is less waste; but on CPU, SDPA runs small calls slower per score (smaller internal
+    tiles). The sizes that measured best are in BENCHMARKS.md ("Small measurements")."""
     return max(768, window // 4)
 
 

@@ -7,10 +7,10 @@ Layout, little-endian (the spec: ggml's docs/gguf.md):
     padding to `general.alignment` (default 32), then the tensor data, each at data start + offset
 
 Only this container parsing is ours; the `gguf` package gives the constants and the block math.
-gguf.GGUFReader reads the same files but wraps every vocabulary string in numpy views (~5 s for
-SmolLM2's 49k tokens and 49k merges); decoding them straight from the map takes ~0.2 s.
-Importing this module imports `gguf` (~1 s, its vocab module loads mistral_common): import it where
-a GGUF file is read, not at package import.
+gguf.GGUFReader reads the same files but wraps every vocabulary string in numpy views, slow for
+tens of thousands of tokens and merges; decoding them straight from the map is not (BENCHMARKS.md,
+"Loading the default model"). Importing this module imports `gguf`, slow too (its vocab module loads
+mistral_common): import it where a GGUF file is read, not at package import.
 """
 
 from __future__ import annotations

@@ -23,10 +23,9 @@ from .errors import InputError
 
 QUANT_MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32}  # int8: one scale per output channel
-# ...except the vocabulary projection of per-channel int8: its rounding costs the most (SmolLM2,
-# benchmarks/quant_quality.py: +2.21% perplexity all per channel, +1.79% with groups of 32 there
-# alone, +1.80% with it left float), so it takes groups of 32 (Q8_0's layout; llama.cpp's recipes
-# likewise keep output.weight at Q8_0/Q6_K). 1.1 bytes a weight instead of 1, on one layer.
+# ...except the vocabulary projection of per-channel int8: its rounding costs the most perplexity
+# of any layer (BENCHMARKS.md, "Quantization quality"), so it takes groups of 32 (Q8_0's layout;
+# llama.cpp's recipes likewise keep output.weight at Q8_0/Q6_K). 1.1 bytes a weight instead of 1, on one layer.
 OUTPUT_GROUP_SIZE = 32
 
 

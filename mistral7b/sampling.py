@@ -80,8 +80,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, vocab] -> each row's most likely token [B] (the first on ties). Through numpy on the
-    CPU: torch's argmax over SmolLM2's 49k vocabulary took 80 us for one row and 1.9 ms for 8 rows
-    here (2 threads), numpy's 6 and 90 us; a decode token's budget is ~10 ms."""
+    CPU: its argmax over a large vocabulary is many times faster than torch's for the few rows of a
+    decode step, a visible share of a token's time otherwise (BENCHMARKS.md, "Small measurements")."""
     if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
         return torch.from_numpy(logits.numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)

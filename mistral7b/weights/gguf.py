@@ -5,8 +5,8 @@ undoes Hugging Face's q/k row permutation, so `attn_q`/`attn_k` hold the referen
 interleaved-pair layout, which is ours: no permutation here (tests/test_gguf.py proves it against
 llama.cpp's own logits).
 
-Each tensor is dequantized from the memory-mapped file when the model asks for it (fp32, numpy):
-~1.6 s for SmolLM2-135M's Q4_1 weights, after ~0.2 s parsing the file.
+Each tensor is dequantized from the memory-mapped file when the model asks for it (fp32, numpy;
+the times are in BENCHMARKS.md, "Loading the default model").
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def open_file(path: Path) -> GGUFFile:
-    """The parsed file. gguf_file is imported here, not at the top: it loads the gguf package
-    (~1 s), which `import mistral7b` should not pay."""
+    """The parsed file. gguf_file is imported here, not at the top: it loads the gguf package, slow
+    to import, which `import mistral7b` should not pay."""
     from ..gguf_file import open_gguf
 
     return open_gguf(path)
