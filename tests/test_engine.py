@@ -76,6 +76,27 @@ def test_windowed_model_serves_far_past_the_window_at_constant_memory(tiny_model
     assert engine.cache.k.numel() == size and engine.cache.slots == w
 
 
+def test_reserved_row_continues_rewinds_and_resets(tiny_model):
+    """A chat's row: kept across requests, cut back while the window still holds what that needs."""
+    engine = Engine(tiny_model, max_num_seqs=1)
+    row = engine.reserve_row()
+    with pytest.raises(QueueFull):
+        engine.reserve_row()
+    start, tail = prompt(2, 1), prompt(1, 2)
+    run(engine, [Request(list(start), SamplingParams(max_tokens=2), row=row)])
+    assert engine.row_length(row) == 3  # the prompt and the first sampled token (the last is never fed)
+    assert engine.rewind(row, 2) and engine.row_length(row) == 2
+    continued = Request(list(tail), SamplingParams(max_tokens=6), row=row)
+    fresh = Request(start + tail, SamplingParams(max_tokens=6))
+    assert run(engine, [continued])[continued.request_id] == run(Engine(tiny_model), [fresh])[fresh.request_id]
+    assert engine.row_length(row) > tiny_model.args.sliding_window
+    assert not engine.rewind(row, 1)  # the rolling buffer evicted position 1's keys
+    engine.reset(row)
+    assert engine.row_length(row) == 0
+    engine.release_row(row)
+    assert engine.free_rows == [0] and engine.cache_dtype == torch.float32
+
+
 def test_n_seeds_stops_and_abort(tiny_model):
     engine = Engine(tiny_model, max_num_seqs=8)
     params = SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=5)
