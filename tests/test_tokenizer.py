@@ -351,3 +351,56 @@ def test_the_readme_setup_skips_no_smollm2_test():
     run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
                           "-k", "test_folder_finds_its_tokenizer"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "1 passed" in run.stdout and "skipped" not in run.stdout, run.stdout
+
+
+# --- writing a GGUF vocabulary as a Hugging Face tokenizer (convert, merge, finetune --full) ---------------
+
+def _small_sentencepiece_gguf(path: Path) -> Path:
+    """A 'llama' (SentencePiece BPE) vocabulary whose sequences start with BOS, as Mistral 7B's GGUFs."""
+    T = gguf.TokenType
+    pieces = ["▁", "h", "e", "l", "o", "i", "▁h", "ll", "▁he", "llo", "▁hello", "▁hi"]
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *pieces]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL, *[T.BYTE] * 256, *[T.NORMAL] * len(pieces)]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return write_gguf(path, model="llama", tokens=tokens, types=types, scores=scores, bos=1, eos=2, unk=0,
+                      template=MISTRAL_TEMPLATE)
+
+
+@pytest.mark.parametrize("kind", ["smollm2", "sentencepiece"])
+def test_gguf_vocabulary_saved_for_transformers(tmp_path, smol_path, kind):
+    """save_tokenizer writes tokenizer.json + tokenizer_config.json that AutoTokenizer loads into our ids
+    (BOS included where the GGUF wants it), chat template included; our loader reads them back alike."""
+    from transformers import AutoTokenizer
+
+    from mistral7b.tokenizer.save import save_tokenizer
+
+    source = smol_path if kind == "smollm2" else _small_sentencepiece_gguf(tmp_path / "sp.gguf")
+    assert save_tokenizer(source, tmp_path / "out")
+    ours, again = mistral7b.load_tokenizer(source), mistral7b.load_tokenizer(tmp_path / "out")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out", split_special_tokens=True)  # special texts stay text, as ours
+    assert ours.add_bos == (kind == "sentencepiece") == again.add_bos
+    for text in STRINGS:
+        expected = ours.encode(text, bos=ours.add_bos)
+        assert theirs(text)["input_ids"] == expected == again.encode(text, bos=again.add_bos), text
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")  # chat templates write special tokens as text
+    for chat in CHATS:
+        rendered = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        assert list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered) == ours.encode_chat(chat)
+        assert again.encode_chat(chat) == ours.encode_chat(chat)
+    assert again.stop_ids == ours.stop_ids and theirs.eos_token_id == ours.eos_id
+
+
+def test_save_tokenizer_copies_mistral_files_as_they_are(tmp_path):
+    from mistral7b.tokenizer.save import save_tokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "params.json").write_text("{}")
+    for name in ("tokenizer.model.v3", "tekken.json"):
+        (model / name).write_bytes((MISTRAL_DATA / MISTRAL_FILES["v3" if name.endswith("v3") else "tekken"]).read_bytes())
+    assert save_tokenizer(model, tmp_path / "out")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["tekken.json", "tokenizer.model.v3"]
+    assert (tmp_path / "out" / "tekken.json").read_bytes() == (model / "tekken.json").read_bytes()
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+    assert save_tokenizer(empty, tmp_path / "nothing") is False and not (tmp_path / "nothing").exists()

@@ -86,6 +86,8 @@ def test_batches_are_a_function_of_the_index(tiny):
     ('{"messages": [{"role": "user", "content": "reverse w1"}]}', "no assistant message"),
     ('{"messages": [{"role": "user", "content": "w1"}, {"role": "robot", "content": "w1"}, '
      '{"role": "assistant", "content": "w1"}]}', "needs a role"),
+    ('{"messages": [{"role": "user", "content": "w1"}, {"role": "bot", "content": "w1"}]}',
+     "unknown role 'bot' in message 1"),
     ('{"messages": "reverse"}', "list of objects"),
 ])
 def test_bad_line_names_file_and_line(tiny, tmp_path, line, message):

@@ -22,6 +22,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", action="append", metavar="PATH",
                    help="checkpoint (reference or HF folder, .gguf); give twice to compare two models. "
                         "Default: the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file or folder for every --model (default: "
+                                                       "each model's own)")
     p.add_argument("--tasks", required=True, help="comma-separated task names, or 'all'")
     p.add_argument("--data-dir", required=True, metavar="DIR",
                    help="one folder per task holding its Hugging Face files, e.g. DIR/arc_easy/test.jsonl")
@@ -31,7 +33,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot choice and of maj@k sampling")
     p.add_argument("--output", "-o", metavar="FILE", help="write the JSON report here (and the chart beside it as .png)")
     p.add_argument("--plot", metavar="PNG", help="bar chart of the category averages (default: beside --output)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights and compute dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="weights and compute dtype; auto keeps the checkpoint's (a quantized GGUF runs its own "
+                        "blocks, a dtype dequantizes it)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization of the linear layers")
     p.add_argument("--group-size", type=int, metavar="G", help="with --quantize: weights per scale (multiple of 32)")
@@ -60,14 +64,15 @@ def _backends(args):
         return
     import mistral7b
     from ..defaults import DEFAULT_MODEL_NAME
+    from ..weights.gguf import default_quantize
 
     for i, path in enumerate(args.model or [None]):
-        model = mistral7b.load(path, dtype=DTYPES[args.dtype], device=args.device,
-                               quantize=args.quantize, group_size=args.group_size)
+        model = mistral7b.load(path, dtype=DTYPES[args.dtype], device=args.device, group_size=args.group_size,
+                               quantize=default_quantize(path, args.dtype, args.quantize))
         label = Path(path).name if path else DEFAULT_MODEL_NAME
         if args.model and args.model.index(path) != i:  # the same checkpoint twice: keep both columns
             label += f" ({i + 1})"
-        yield label, EngineBackend(model.eval(), mistral7b.load_tokenizer(path), name=label,
+        yield label, EngineBackend(model.eval(), mistral7b.load_tokenizer(args.tokenizer or path), name=label,
                                    max_num_seqs=args.max_num_seqs)
 
 
@@ -76,8 +81,18 @@ def run(args) -> dict:
     from .runner import evaluate
 
     names = _tasks(args.tasks)
+    chart = args.plot or (str(Path(args.output).with_suffix(".png")) if args.output else None)
+    for path in filter(None, (args.output, chart)):  # a path that cannot be written fails now, not after hours
+        report.prepare_output(path)
     runs: dict[str, dict[str, dict[str, float]]] = {}
     counts: dict[str, int] = {}
+
+    def result() -> dict:
+        config = {"models": list(runs), "tasks": names, "data_dir": str(args.data_dir), "server": args.server,
+                  "limit": args.limit, "num_fewshot": args.num_fewshot, "seed": args.seed, "examples": counts,
+                  "shots": {n: TASKS[n].shots if args.num_fewshot is None else args.num_fewshot for n in names}}
+        return report.to_json(runs, config)
+
     for label, backend in _backends(args):
         runs[label] = {}
         for name in names:
@@ -85,14 +100,9 @@ def run(args) -> dict:
             runs[label][name], counts[name] = evaluate(TASKS[name], backend, args.data_dir, limit=args.limit,
                                                        num_fewshot=args.num_fewshot, seed=args.seed)
             print(f"{label} {name}: {counts[name]} examples in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            if args.output:  # after every task, so a crash later keeps the tasks done
+                report.write_json(args.output, result())
     print(report.table(runs))
-    config = {"models": list(runs), "tasks": names, "data_dir": str(args.data_dir), "server": args.server,
-              "limit": args.limit, "num_fewshot": args.num_fewshot, "seed": args.seed, "examples": counts,
-              "shots": {n: TASKS[n].shots if args.num_fewshot is None else args.num_fewshot for n in names}}
-    result = report.to_json(runs, config)
-    if args.output:
-        report.write_json(args.output, result)
-    chart = args.plot or (str(Path(args.output).with_suffix(".png")) if args.output else None)
     if chart:
         report.plot(runs, chart)
-    return result
+    return result()

@@ -4,9 +4,12 @@ a JSON file and a bar chart; several models side by side."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from statistics import fmean
 
+from ..errors import InputError
 from .tasks import CATEGORIES, TASKS
 
 
@@ -46,8 +49,25 @@ def to_json(runs: dict[str, dict[str, dict[str, float]]], config: dict) -> dict:
     return {"models": shaped, "config": config}
 
 
+def prepare_output(path: str | Path) -> None:
+    """Create the folder of an output file and check a file can be written there, before any scoring."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; give a file name to write the report to")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.").close()  # created and removed
+    except OSError as e:
+        raise InputError(f"{path}: cannot be written ({e.strerror or e})") from None
+
+
 def write_json(path: str | Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    """Written whole or not at all (a temporary file renamed over it), as it is rewritten after every task."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    os.replace(f.name, path)
 
 
 def plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path) -> None:

@@ -44,7 +44,8 @@ def find_tokenizer_file(folder: Path) -> Path:
         if file.is_file():
             return file
     raise CheckpointError(f"{folder}: no tokenizer found (tokenizer.model.v*, tekken.json, tokenizer.json or "
-                          "tokenizer.model); copy the model's tokenizer file into the folder or pass its path")
+                          "tokenizer.model); copy the model's tokenizer file into the folder, or pass its path (on the command "
+                          "line: --tokenizer PATH)")
 
 
 def _backend(file: Path) -> tuple[str, Callable[[Path], Tokenizer]]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from ..errors import InputError
 
-_ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Tokenizer(ABC):
@@ -65,10 +65,17 @@ class Tokenizer(ABC):
         return StreamDecoder(self)
 
 
+def role_error(message, index: int) -> str:
+    """What is wrong with a message whose role is not one of ROLES: the role it has, named."""
+    if isinstance(message, dict) and "role" in message:
+        return f"unknown role {message['role']!r} in message {index}: a message needs a role among {', '.join(ROLES)}"
+    return f"message {index} needs a role among {', '.join(ROLES)}"
+
+
 def _plain_message(message: dict, index: int) -> dict:
     """Check one OpenAI message and flatten list-of-parts content into one string."""
-    if not isinstance(message, dict) or message.get("role") not in _ROLES:
-        raise InputError(f"message {index} needs a role among {', '.join(_ROLES)}")
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        raise InputError(role_error(message, index))
     content = message.get("content")
     if isinstance(content, list):
         if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, Mistral7BError
+from ..tokenizer.base import ROLES, role_error
 
 _FILLER_TURN = {"role": "user", "content": "."}  # closes a conversation so that the answer before it is rendered
 
@@ -59,6 +60,9 @@ def encode_conversation(tokenizer, messages: list[dict]) -> list[Sample]:
     turn, one sample per assistant turn, each exactly what the model sees when answering that turn."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise InputError("'messages' must be a list of objects")
+    for i, message in enumerate(messages):  # checked first: a bad role could otherwise pass for a missing answer
+        if message.get("role") not in ROLES:
+            raise InputError(role_error(message, i))
     # Answers are located without system messages, whose placement some formats change turn by turn.
     plain = [m for m in messages if m.get("role") != "system"]
     samples, ids, target = [], [], []

@@ -63,6 +63,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded), see distributed.py
     resume: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    tokenizer: str | None = None  # tokenizer file or folder; None: the model's own
 
     # Settings a resumed run must share with the run it continues.
     _RUN_KEYS = ("model", "data", "lora", "quantize", "batch_size", "seq_len", "grad_accum", "seed", "lr", "warmup",
@@ -168,7 +169,7 @@ def train(cfg: TrainConfig) -> Path:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the device NCCL and FSDP's mesh use on this rank
     use_autocast = {"on": True, "off": False}.get(cfg.autocast, device.type == "cuda" and torch.cuda.is_bf16_supported())
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     data = Batches(read_jsonl(cfg.data, tokenizer, cfg.seq_len), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                    seed=cfg.seed)
     eval_batches = None
@@ -301,4 +302,4 @@ def _write_result(model: Transformer, cfg: TrainConfig, out: Path) -> None:
         lora.save_adapter(model, out, base_model=cfg.model)
     else:
         save(model, out)
-        save_tokenizer(cfg.model, out)
+        save_tokenizer(cfg.tokenizer or cfg.model, out)

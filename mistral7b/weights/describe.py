@@ -26,6 +26,8 @@ def _tensor_types(files: list[Path]) -> Counter:
 
 
 def describe(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Numbers as numbers (parameters, bytes on disk; None for what the checkpoint does not say),
+    for scripts; `mistral7b info` prints them for people."""
     path = Path(path) if path is not None else default_model_path()
     fmt = detect_format(path)
     reader = READERS[fmt]
@@ -35,16 +37,18 @@ def describe(path: str | os.PathLike | None) -> dict[str, Any]:
     return {
         "path": str(path),
         "format": fmt,
-        "parameters": f"{args.n_params / 1e9:.2f}B" if args.n_params >= 1e9 else f"{args.n_params / 1e6:.1f}M",
+        "parameters": args.n_params,
         "layers": args.n_layers,
         "dim": args.dim,
-        "heads": f"{args.n_heads} query / {args.n_kv_heads} kv, head_dim {args.head_dim}",
+        "heads": args.n_heads,
+        "kv_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
         "ffn_hidden": args.hidden_dim,
         "vocab_size": args.vocab_size,
-        "sliding_window": args.sliding_window or "none (full attention)",
-        "context": args.max_seq_len or "unknown",
+        "sliding_window": args.sliding_window,
+        "context": args.max_seq_len,
         "rope_theta": args.rope_theta,
         "tied_embeddings": args.tied_embeddings,
         "tensor_types": dict(_tensor_types(files)),
-        "size_on_disk": f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB",
+        "size_on_disk": size,
     }

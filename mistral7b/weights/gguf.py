@@ -152,3 +152,32 @@ def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None, *, 
             raise CheckpointError(f"{path}: tensor '{tensor.name}' ({kind}) cannot be dequantized ({e})") from None
         # F32 data is a read-only view of the memory-mapped file: copy it; dequantized data is fresh.
         yield name, torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+
+
+# Weight-only mode that keeps a GGUF's quantized blocks at their precision or above (the 4-bit and
+# lower types run as int4, 5- to 8-bit ones as int8).
+_NATIVE_MODES = {"Q2_K": "int4", "Q3_K": "int4", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
+                 "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8"}
+
+
+def native_quantize(path: Path) -> str | None:
+    """"int4" or "int8" for a file whose blocks' linear layers are mostly quantized (by weight count),
+    None when they are mostly float: the mode in which the file runs as it is, as llama.cpp runs it."""
+    count: dict[str | None, int] = {}
+    for tensor in open_file(path).tensors.values():
+        name = _our_name(tensor.name) or ""
+        if name.startswith("layers.") and name.endswith(_LINEAR_SUFFIXES):
+            mode = _NATIVE_MODES.get(tensor.type.name)
+            count[mode] = count.get(mode, 0) + int(np.prod(tensor.shape))
+    return max(count, key=count.get) if count else None
+
+
+def default_quantize(path: Path | None, dtype: str | None, quantize: str | None) -> str | None:
+    """The command line's weight mode: `quantize` when asked; else, with no dtype asked, a quantized
+    GGUF's own mode (its blocks run as they are); an asked dtype dequantizes."""
+    from ..defaults import default_model_path
+
+    if quantize or dtype not in (None, "auto"):
+        return quantize
+    path = default_model_path() if path is None else Path(path)
+    return native_quantize(path) if is_gguf(path) else None
