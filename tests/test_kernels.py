@@ -7,6 +7,11 @@ to int16 (~2e-5 measured); we allow 1e-4. bf16 outputs add their own rounding (0
 """
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,14 +181,58 @@ def test_fallback_is_the_reference(monkeypatch):
     assert torch.equal(kernels.float_linear(x, w), F.linear(x, w))
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch):
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
+    monkeypatch.setenv("MISTRAL7B_KERNELS_DIR", str(tmp_path))  # nothing built there: a build is tried
     monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with pytest.warns(UserWarning, match="native build failed"):
         assert native._build() is False
+    assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]  # no half-built folder left behind
+
+
+CHECK = "from mistral7b.kernels import native; assert native.native_available(); print(native.__file__)"
+
+
+def _python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=600)
+
+
+@needs_native
+def test_a_second_checkout_loads_the_built_kernels_without_compiling(tmp_path):
+    """Two installs of the same sources share one build: torch's load() by name rebuilt it at every
+    switch (its build.ninja names the sources by absolute path)."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(native.__file__).parents[1], checkout / "mistral7b",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    library = native.library_path()
+    before = library.stat().st_mtime_ns
+    run = _python(CHECK, checkout)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(checkout)) and "compiling" not in run.stderr
+    assert library.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_a_fresh_cache_compiles_once_for_concurrent_processes(tmp_path):
+    """Two processes start on an empty cache: one compiles (and says so), the other waits for it; a
+    third loads the library as it is."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MISTRAL7B_KERNELS_DIR": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", CHECK], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    stderr = "".join(p.communicate(timeout=600)[1] for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], stderr
+    assert stderr.count("mistral7b: compiling native kernels (once") == 1, stderr
+    assert stderr.count("mistral7b: native kernels compiled in ") == 1, stderr
+    [folder] = [p for p in cache.iterdir() if p.is_dir()]  # no temporary build folder left
+    mtime = (folder / native.LIBRARY).stat().st_mtime_ns
+    again = _python(CHECK, tmp_path, MISTRAL7B_KERNELS_DIR=str(cache))
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert (folder / native.LIBRARY).stat().st_mtime_ns == mtime
 
 
 def test_int8_linear_gradients_are_those_of_the_dequantized_weight():
