@@ -1,4 +1,4 @@
-"""The `mistral7b` command: generate, chat, serve, convert, info, finetune, merge, eval."""
+"""The `mistral7b` command: generate, chat, serve, convert, info, finetune, merge, eval, bench, doctor."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .bench import register as register_bench
+from .doctor import register as register_doctor
 from .errors import InputError, Mistral7BError
 from .eval.cli import register as register_eval
 from .sampling import SamplingParams
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub)
     register_eval(sub)
     register_bench(sub)
+    register_doctor(sub)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
                        description="Write MODEL with the LoRA adapter folded into its weights, as a reference "
@@ -342,6 +344,10 @@ def _run_chat(args) -> None:
 
     params = _params(args)
     model, tokenizer = _load(args)
+    if args.device == "cpu":  # compile the native kernels (once, saying so) before the prompt, not in an answer
+        from .kernels import native_available
+
+        native_available()
     session = ChatSession(model, tokenizer, params, system=args.system, max_len=args.max_len,
                           chunk_size=args.chunk_size)
     interactive = sys.stdin.isatty()

@@ -254,3 +254,13 @@ def test_int4_linear_under_torch_compile():
     for rows in (1, 64):
         x = torch.randn(rows, 576)
         torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_doctor_prints_one_line_per_check_and_builds_the_kernels():
+    run = subprocess.run([sys.executable, "-m", "mistral7b", "doctor"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = {line[6:21].strip(): line for line in run.stdout.splitlines()}
+    assert list(lines) == ["torch", "threads", "cpu", "compiler", "native kernels", "default model"], run.stdout
+    assert all(line.split()[0] in ("ok", "warn") for line in lines.values())
+    if native.cpu_supported() and native.ENABLED:
+        assert lines["native kernels"].startswith("ok") and native.is_built(), run.stdout

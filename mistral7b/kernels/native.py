@@ -56,11 +56,16 @@ def cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def build_key() -> str:
+def _read_sources() -> dict[str, bytes]:
+    """The files as read once: the key and the build both use these bytes, even if a file changes."""
+    return {p.name: p.read_bytes() for p in SOURCES + HEADERS}
+
+
+def build_key(sources: dict[str, bytes] | None = None) -> str:
     """Hash of everything the library depends on: another key means another build folder."""
     h = hashlib.sha256()
-    for p in SOURCES + HEADERS:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for name, code in (sources or _read_sources()).items():
+        h.update(name.encode() + b"\0" + code)
     for part in (*FLAGS, "|", *LDFLAGS, os.environ.get("CXX", "c++"), torch.__version__,
                  torch.version.git_version, platform.python_version(), platform.machine()):
         h.update(part.encode() + b"\0")
@@ -75,9 +80,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
 
 
-def library_path() -> Path:
+def library_path(sources: dict[str, bytes] | None = None) -> Path:
     """Where this version's built library is (or will be)."""
-    return cache_root() / f"{NAME}_{build_key()}" / LIBRARY
+    return cache_root() / f"{NAME}_{build_key(sources)}" / LIBRARY
 
 
 def is_built() -> bool:
@@ -97,12 +102,13 @@ def _build() -> bool:
 
 
 def _load_or_compile() -> None:
-    library = library_path()
+    sources = _read_sources()
+    library = library_path(sources)
     if not library.is_file():
         library.parent.parent.mkdir(parents=True, exist_ok=True)
         with _lock(library.parent.with_name(library.parent.name + ".lock")):
             if not library.is_file():  # not built by another process while this one waited
-                _compile(library.parent)  # cpp_extension.load also loads it
+                _compile(library.parent, sources)  # cpp_extension.load also loads it
                 return
     torch.ops.load_library(str(library))
 
@@ -129,7 +135,7 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _compile(folder: Path) -> None:
+def _compile(folder: Path, sources: dict[str, bytes]) -> None:
     """Build into a private folder from copies of the sources (the same paths for every install),
     then rename it to `folder`: a folder under its final name always holds a finished library."""
     from torch.utils import cpp_extension
@@ -137,8 +143,8 @@ def _compile(folder: Path) -> None:
     work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "src").mkdir(parents=True)
-    for p in SOURCES + HEADERS:
-        shutil.copyfile(p, work / "src" / p.name)
+    for name, code in sources.items():
+        (work / "src" / name).write_bytes(code)
     print("mistral7b: compiling native kernels (once, ~20-60 s)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
