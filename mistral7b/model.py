@@ -159,9 +159,9 @@ class Transformer(nn.Module):
         """The dtype of the caches new_cache() makes: `kv_cache_dtype` when set, else the default."""
         return self.kv_cache_dtype or self.default_kv_cache_dtype()
 
-    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
-        """A KV cache in `cache_dtype` on this model's device (W slots per sequence for windowed models)."""
-        return KVCache(self.args, max_seqs, max_len, dtype=self.cache_dtype, device=self.device)
+    def new_cache(self, max_seqs: int, max_len: int | None = None, **pool) -> KVCache:
+        """A KV cache in `cache_dtype` on this model's device; `pool`: KVCache's n_blocks, block_size."""
+        return KVCache(self.args, max_seqs, max_len, dtype=self.cache_dtype, device=self.device, **pool)
 
     def plan(self, input_ids: torch.Tensor, seqlens: list[int], cache: KVCache | None,
              rows: list[int] | None) -> StepPlan:

@@ -5,8 +5,8 @@ CUDA and tensor-parallel ranks run and what every path here is tested against. A
 the same model for the engine, deciding once per step (`choose_route`) how:
 
     NATIVE_DECODE   B sequences, one token each: every block in one native call (kernels.decode_step)
-    NATIVE_CHUNK    one sequence's chunk of <= GEMV_MAX_ROWS tokens while its rolling buffer has not
-                    wrapped: rows of that same call, each token causal to the slots up to its own
+    NATIVE_CHUNK    one sequence's chunk of <= GEMV_MAX_ROWS tokens (and <= W): rows of that same
+                    call, each token attending to the cached slots its window sees and to its own
     EAGER_DECODE    one token per sequence through the model's blocks, attending in the cache in place
     EAGER_BAND      one sequence's chunk (its cached keys in position order) or rows from position 0
                     longer than W: the causal W-key band, no mask (attention.py)
@@ -58,10 +58,9 @@ class Route(enum.Enum):
 
 
 def _fits_native_chunk(plan: StepPlan, cache: KVCache) -> bool:
-    """One sequence's chunk of <= GEMV_MAX_ROWS tokens that ends within the row's slots: before the
-    rolling buffer wraps, slot j holds position j, so token i attends to slots [0, position_i]."""
-    return (plan.batch == 1 and plan.mask is None and not plan.key_shift
-            and plan.length <= kernels.GEMV_MAX_ROWS and int(plan.positions[-1]) < cache.slots)
+    """One sequence's chunk of <= GEMV_MAX_ROWS tokens, every one of them cached (<= S): the native
+    step writes each row's key and value before attending."""
+    return plan.batch == 1 and plan.length <= min(kernels.GEMV_MAX_ROWS, cache.slots)
 
 
 def choose_route(plan: StepPlan, cache: KVCache | None, native_ready: bool) -> Route:
@@ -275,7 +274,7 @@ class Runner:
         if not self.native or remaining <= 1:
             return None
         ex = execution_of(self.model)
-        if ex.native is None or cache.lengths[row] + remaining > cache.slots:
+        if ex.native is None:
             return None
         first = ex.layers[0].native[0][2]  # layer 0's fused qkv weight (or qweight)
         if remaining > NATIVE_PREFILL_TOKENS.get(first.dtype, NATIVE_PREFILL_TOKENS_DEFAULT):
@@ -310,14 +309,16 @@ class Runner:
         rows are the sequences; a chunk: each token a row attending to slots [0, its position]."""
         if route is Route.NATIVE_DECODE:
             mask = None if plan.mask is None else plan.mask[:, 0, 0]  # [B, used]
-            step = plan.write_dst, plan.used_slots, mask, plan.positions
-        else:
-            end = int(plan.positions[-1]) + 1  # the chunk fills slots [0, end)
-            causal = torch.arange(end, device=h.device)[None, :] <= plan.positions[:, None]  # [T, end]
-            step = plan.write_dst, end, causal, plan.positions
+            step, slots = (plan.write_dst, plan.used_slots, mask, plan.positions), plan.slots
+        else:  # the chunk's rows see the cached slots and the chunk's own: span = used + T
+            span = plan.slots.shape[1]
+            k_pos = plan.first_pos[0] + torch.arange(span, device=h.device)  # [span]
+            q_pos = plan.positions[:, None]  # [T, 1]
+            seen = (k_pos[None, :] <= q_pos) & ((q_pos - k_pos[None, :] < cache.window) if cache.window else True)
+            step, slots = (plan.write_dst, span, seen, plan.positions), plan.slots.expand(len(q_pos), span)
         attn, args = self.model.layers[0].attention, self.model.args
         return kernels.decode_step(h, *weights, args.norm_eps, attn.n_heads, attn.n_kv_heads,
-                                   cache.k, cache.v, *step, args.rope_theta, self.model.norm.weight)
+                                   cache.k, cache.v, *step, args.rope_theta, self.model.norm.weight, slots)
 
 
 def _eager_block(block: TransformerBlock, ex: LayerExecution, h: torch.Tensor, rope: torch.Tensor,

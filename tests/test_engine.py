@@ -63,7 +63,7 @@ def test_rows_are_freed_and_requests_wait_fifo(tiny_model):
         assert len(engine.running) <= 2
         finished_order += [o.request_id for o in engine.step() if o.finish_reason]
     assert finished_order == [r.request_id for r in reqs]
-    assert sorted(engine.free_rows) == [0, 1] and engine.cache.slot_pos.eq(-1).all()
+    assert sorted(engine.free_rows) == [0, 1] and engine.cache.used_blocks == 0
 
 
 def test_windowed_model_serves_far_past_the_window_at_constant_memory(tiny_model):
@@ -86,11 +86,12 @@ def test_reserved_row_continues_rewinds_and_resets(tiny_model):
     run(engine, [Request(list(start), SamplingParams(max_tokens=2), row=row)])
     assert engine.row_length(row) == 3  # the prompt and the first sampled token (the last is never fed)
     assert engine.rewind(row, 2) and engine.row_length(row) == 2
-    continued = Request(list(tail), SamplingParams(max_tokens=6), row=row)
-    fresh = Request(start + tail, SamplingParams(max_tokens=6))
+    # Long enough that the window leaves position 1's block behind (blocks of DEFAULT_BLOCK_SIZE).
+    continued = Request(list(tail), SamplingParams(max_tokens=40, ignore_eos=True), row=row)
+    fresh = Request(start + tail, SamplingParams(max_tokens=40, ignore_eos=True))
     assert run(engine, [continued])[continued.request_id] == run(Engine(tiny_model), [fresh])[fresh.request_id]
     assert engine.row_length(row) > tiny_model.args.sliding_window
-    assert not engine.rewind(row, 1)  # the rolling buffer evicted position 1's keys
+    assert not engine.rewind(row, 1)  # the window's blocks no longer hold position 0's keys
     engine.reset(row)
     assert engine.row_length(row) == 0
     engine.release_row(row)

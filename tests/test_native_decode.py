@@ -102,15 +102,16 @@ def chunked_logits(model, chunks, max_len=None):
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_short_prefill_chunks_run_natively_until_the_buffer_wraps(monkeypatch, mode):
+def test_short_prefill_chunks_run_natively_past_the_window(monkeypatch, mode):
     """A chunk of one sequence (<= GEMV_MAX_ROWS tokens) runs as that many rows of the native step,
-    each causal to the slots before it, while the rolling buffer has not wrapped; then eagerly."""
+    each seeing the cached slots in its window and the chunk's own, also once the sequence has
+    passed W (blocks out of the window gone back to the pool)."""
     model = tiny(16)
     model = quantize(model, mode) if mode else model
-    chunks = (5, 3, 7, 9)  # the last one crosses slot 16 (W): the buffer wraps, eager blocks
+    chunks = (5, 3, 7, 9, 14)  # past 16 (W) after the fourth
     calls = native_calls(monkeypatch)
     native, eager = both_paths(model, chunks=chunks)
-    assert len(calls) == 3
+    assert len(calls) == 5
     # The same kernels. Quantized models cache in fp16, which the native step reads back for the chunk's
     # own keys too (eager attends to them unrounded); int4's int8 activations then flip some rounding.
     assert ((native - eager).norm() / eager.norm()).item() < {None: 1e-5, "int8": 1e-3, "int4": 2e-2}[mode]

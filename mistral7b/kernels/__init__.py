@@ -137,7 +137,8 @@ def decode_step_available(x: Tensor, cache: Tensor) -> bool:
 
 def decode_step(h: Tensor, weights: list[Tensor], linear_sizes: list[int], eps: float, n_heads: int,
                 n_kv_heads: int, k_cache: Tensor, v_cache: Tensor, write_dst: Tensor, used: int,
-                mask: Tensor | None, positions: Tensor, rope_theta: float, final_norm: Tensor | None = None) -> Tensor:
+                mask: Tensor | None, positions: Tensor, rope_theta: float, final_norm: Tensor | None = None,
+                slots: Tensor | None = None) -> Tensor:
     """Every transformer block of a decode step in one native call (decode.cpp): h [B, dim] -> [B, dim],
     RMSNorm-ed by final_norm [dim] when given.
 
@@ -147,6 +148,8 @@ def decode_step(h: Tensor, weights: list[Tensor], linear_sizes: list[int], eps: 
     k_cache, v_cache [layers, rows, S, n_kv_heads, head_dim] receive the new keys/values at flat
     slots write_dst [B] (row * S + slot); attention reads slots [0, used) of each row where
     mask [B, used] allows (None: all). positions [B] and rope_theta give each token's RoPE rotation.
+    slots [B, used] (a paged cache [layers, blocks, block_size, n_kv_heads, head_dim]): the flat slot
+    index of each row's slot j, which then need not be row * S + j.
     """
     return torch.ops.mistral7b.decode_step(h, weights, linear_sizes, eps, n_heads, n_kv_heads, k_cache, v_cache,
-                                           write_dst, used, mask, positions, rope_theta, final_norm)
+                                           write_dst, used, mask, positions, rope_theta, final_norm, slots)

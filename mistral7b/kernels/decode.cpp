@@ -140,21 +140,24 @@ inline void prefetch_slot(const C* p, int64_t hd) {
 }
 
 // Attention of the `group` query heads q [group, hd] that share one kv head over cached slots
-// [j0, j1): keys and values of slot j at k + j * stride and v + j * stride, each read once for the
-// whole group (and prefetched ahead: the cache comes from DRAM); mask [used] (nullptr: all valid).
+// [j0, j1): keys and values of slot j at k + at(j) * stride and v + at(j) * stride, at(j) = slot_of[j]
+// (a paged row's slots, scattered over blocks) or j (nullptr: a contiguous row), each read once for
+// the whole group (and prefetched ahead: the cache comes from DRAM); mask [used] (nullptr: all valid).
 // Leaves, per head g, the unnormalized partial out[g] = sum_j e^(s_j - top[g]) v_j [hd] and
 // total[g] = sum_j e^(s_j - top[g]), for merge_partials. scores: scratch [group, j1 - j0].
 template <typename C>
-void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t stride, int64_t j0, int64_t j1,
-                  int64_t hd, const bool* mask, float scale, float* scores, float* out, float* top, float* total) {
+void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t stride, const int64_t* slot_of,
+                  int64_t j0, int64_t j1, int64_t hd, const bool* mask, float scale, float* scores, float* out,
+                  float* top, float* total) {
   constexpr int64_t ahead = 6;  // slots prefetched ahead
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t n = j1 - j0;
+  auto at = [&](int64_t j) { return slot_of ? slot_of[std::min(j, j1 - 1)] : j; };
   for (int64_t j = j0; j < j1; ++j) {
-    prefetch_slot(k + (j + ahead) * stride, hd);
+    prefetch_slot(k + at(j + ahead) * stride, hd);
     const bool valid = !mask || mask[j];
     for (int64_t g = 0; g < group; ++g)
-      scores[g * n + j - j0] = valid ? dot_cached(q + g * hd, k + j * stride, hd) * scale : neg_inf;
+      scores[g * n + j - j0] = valid ? dot_cached(q + g * hd, k + at(j) * stride, hd) * scale : neg_inf;
   }
   for (int64_t g = 0; g < group; ++g) {  // e^(s - top) in place, 8 slots a step
     float* sg = scores + g * n;
@@ -176,9 +179,9 @@ void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t
   }
   std::fill(out, out + group * hd, 0.f);
   for (int64_t j = j0; j < j1; ++j) {
-    prefetch_slot(v + (j + ahead) * stride, hd);
+    prefetch_slot(v + at(j + ahead) * stride, hd);
     if (mask && !mask[j]) continue;
-    const C* vj = v + j * stride;
+    const C* vj = v + at(j) * stride;
     for (int64_t i = 0; i < hd; i += 8) {
       const __m256 vv = load8(vj + i);
       for (int64_t g = 0; g < group; ++g)
@@ -227,6 +230,7 @@ struct Step {
   int64_t layer_stride;      // cache elements per layer: rows * S * Hkv * hd
   float eps;
   const int64_t* write_dst;  // [B] flat slot index row * S + slot
+  const int64_t* slots;      // [B, used] flat slot index of each row's slot j, or nullptr: row * S + j
   const bool* mask;          // [B, used] or nullptr
   const float* rot;          // [B, hd / 2, 2]: cos, sin of each token's RoPE angles
 };
@@ -287,9 +291,10 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
       // ranges so that every thread streams its share of the cache; partials merged after a barrier.
       for (int64_t t = a0; t < a1; ++t) {
         const int64_t c = t % chunks, bk = t / chunks, b = bk / Hkv, kvh = bk % Hkv;
-        const int64_t base = s.write_dst[b] / s.S * s.S * kv + kvh * hd;
+        const int64_t base = (s.slots ? 0 : s.write_dst[b] / s.S * s.S * kv) + kvh * hd;
         const int64_t j0 = s.used * c / chunks, j1 = s.used * (c + 1) / chunks;
-        attend_slots(qkv.data() + b * width + kvh * group * hd, group, kc + base, vc + base, kv, j0, j1, hd,
+        attend_slots(qkv.data() + b * width + kvh * group * hd, group, kc + base, vc + base, kv,
+                     s.slots ? s.slots + b * s.used : nullptr, j0, j1, hd,
                      s.mask ? s.mask + b * s.used : nullptr, scale, scores.data(), partial.data() + t * group * hd,
                      tops.data() + t * group, totals.data() + t * group);
       }
@@ -329,10 +334,13 @@ at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous();
 // linear_sizes [4 * layers] telling how many each (see Linear). k_cache, v_cache [layers, rows, S,
 // Hkv, hd] get the new keys/values at flat slots write_dst [B] (row * S + slot); attention reads
 // slots [0, used) of each row where mask [B, used] allows (None: all); positions [B] set RoPE.
+// slots [B, used]: where each row's slot j is (a flat slot index): rows are then blocks of a paged
+// cache [layers, blocks, block_size, Hkv, hd] and a sequence's slots lie in the blocks of its table.
 at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArrayRef linear_sizes, double eps,
                        int64_t n_heads, int64_t n_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
                        const at::Tensor& write_dst, int64_t used, const c10::optional<at::Tensor>& mask,
-                       const at::Tensor& positions, double rope_theta, const c10::optional<at::Tensor>& final_norm) {
+                       const at::Tensor& positions, double rope_theta, const c10::optional<at::Tensor>& final_norm,
+                       const c10::optional<at::Tensor>& slots) {
   TORCH_CHECK(h.dim() == 2, "decode_step: h must be [B, D]");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -343,7 +351,7 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
   s.layer_stride = k_cache[0].numel();
   TORCH_CHECK(s.layers >= 1 && k_cache.size(0) == s.layers, "decode_step: ", s.layers, " layers of weights for a ", k_cache.size(0), "-layer cache");
   TORCH_CHECK(k_cache.size(3) == s.Hkv && s.H % s.Hkv == 0 && s.hd % 8 == 0, "decode_step: bad head layout");
-  TORCH_CHECK(used >= 1 && used <= s.S, "decode_step: used slots ", used, " not in [1, ", s.S, "]");
+  TORCH_CHECK(used >= 1 && (slots || used <= s.S), "decode_step: used slots ", used, " not in [1, ", s.S, "]");
   const auto dst = write_dst.to(at::kLong).contiguous();
   TORCH_CHECK(dst.numel() == s.B, "decode_step: write_dst must have B entries");
   s.write_dst = dst.data_ptr<int64_t>();
@@ -359,6 +367,15 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
     }
   }
   s.rot = rot.data();
+  at::Tensor slot_index;
+  if (slots) {
+    slot_index = slots->to(at::kLong).contiguous();
+    TORCH_CHECK(slot_index.numel() == s.B * used, "decode_step: slots must be [B, used]");
+    const int64_t n_slots = k_cache.size(1) * s.S;
+    TORCH_CHECK(slot_index.min().item<int64_t>() >= 0 && slot_index.max().item<int64_t>() < n_slots,
+                "decode_step: slots out of the cache's ", n_slots);
+    s.slots = slot_index.data_ptr<int64_t>();
+  }
   at::Tensor valid;
   if (mask) {
     valid = mask->to(at::kBool).contiguous();
@@ -414,7 +431,7 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, at::IntArray
 TORCH_LIBRARY_FRAGMENT(mistral7b, m) {
   m.def("decode_step(Tensor h, Tensor[] weights, int[] linear_sizes, float eps, int n_heads, int n_kv_heads, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor write_dst, int used, Tensor? mask, Tensor positions, "
-        "float rope_theta, Tensor? final_norm) -> Tensor");
+        "float rope_theta, Tensor? final_norm, Tensor? slots=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral7b, CPU, m) { m.impl("decode_step", &mistral7b::decode_step); }
