@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
+# vLLM's bound: a temperature below this is greedy (dividing logits by it overflows to inf).
+MIN_TEMPERATURE = 1e-5
+SEED_RANGE = (-2**63, 2**63 - 1)  # a signed 64-bit integer, as OpenAI's `seed`
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+
 
 @dataclass
 class SamplingParams:
@@ -26,8 +33,12 @@ class SamplingParams:
     n: int = 1  # independent completions of the same prompt
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     prompt_logprobs: int | None = None  # the same for prompt tokens (echo)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        low, high = LOGIT_BIAS_RANGE
         checks = [
             (self.max_tokens >= 0, "max_tokens", "must be >= 0"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
@@ -41,10 +52,21 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "must be between 0 and 20"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "seed",
+             "must be a signed 64-bit integer"),
+            (all(low <= v <= high for v in (self.logit_bias or {}).values()), "logit_bias",
+             f"values must be in [{low:g}, {high:g}]"),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise SamplingError(name, f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The token ids this asks for (stop_token_ids, logit_bias keys) must be in the vocabulary."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", tuple(self.logit_bias or ()))):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise SamplingError(name, f"{name} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
@@ -55,7 +77,7 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
-class SamplingError(ValueError):
+class SamplingError(InputError):
     """A sampling parameter out of range; `param` names it (for API error bodies)."""
 
     def __init__(self, param: str, message: str):
@@ -78,6 +100,19 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float] | None]) -> None:
+    """logits [B, vocab], biases[i] for row i (or None) -> add them in place, the batch at once."""
+    rows, cols, values = [], [], []
+    for i, bias in enumerate(biases):
+        for token, value in (bias or {}).items():
+            rows.append(i)
+            cols.append(token)
+            values.append(value)
+    if rows:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, vocab] -> each row's most likely token [B] (the first on ties). Through numpy on the
     CPU: its argmax over a large vocabulary is many times faster than torch's for the few rows of a
@@ -92,7 +127,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0
     """logits [B, vocab] (fp32) -> token ids [B]. temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return greedy(logits)
-    logits = logits / temperature
+    # Huge logits (a tiny repetition_penalty) overflow to inf, and softmax turns inf into NaN.
+    logits = torch.nan_to_num(logits / temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max,
+                              neginf=float("-inf"))
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

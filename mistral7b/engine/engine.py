@@ -10,6 +10,7 @@ models, so memory per sequence is constant however long it runs); requests wait 
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Protocol
 
@@ -20,8 +21,10 @@ from ..cache import KVCache
 from ..errors import InputError, Mistral7BError
 from ..model import Transformer
 from ..runner import Runner
-from ..sampling import apply_penalties, greedy, sample
+from ..sampling import apply_logit_bias, apply_penalties, greedy, sample
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
@@ -106,6 +109,7 @@ class Engine:
         """Raise InputError for a request this engine can never run (reads no mutable state but
         the length of a continued row)."""
         check_prompts([request.prompt], self.model.args.vocab_size)
+        request.params.check_vocabulary(self.model.args.vocab_size)
         n = request.params.n
         if n > self.max_num_seqs:
             raise InputError(f"n={n} is more than this server runs at once ({self.max_num_seqs})")
@@ -251,23 +255,29 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
         """logits [B, vocab] -> one new token per sequence, with stop and length checks."""
+        apply_logit_bias(logits, [seq.params.logit_bias for seq in seqs])
         tokens = greedy(logits).tolist()  # greedy rows need nothing else
+        failures: dict[int, str] = {}
         for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.greedy and not p.penalized:
+            if seq.params.greedy and not seq.params.penalized:
                 continue
-            row = apply_penalties(logits[i], p, seq.prompt, seq.tokens) if p.penalized else logits[i]
-            tokens[i] = int(sample(row[None], temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                   min_p=p.min_p, generator=seq.generator)[0])
+            try:
+                tokens[i] = _draw(seq, logits[i])
+            except Exception as e:  # a bug one request's parameters hit must not end the whole batch
+                log.exception("sampling failed for %s", seq.request.request_id)
+                failures[i] = f"sampling failed: {e}"
         # Log-probabilities only for the sequences that asked (a log-softmax over the vocabulary each).
-        asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None and i not in failures]
         entries: list[list[TokenLogprob]] = [[] for _ in seqs]
         if asked:
             scored = _logprobs(logits[asked], [tokens[i] for i in asked], [seqs[i].params.logprobs for i in asked])
             for i, entry in zip(asked, scored):
                 entries[i] = [entry]
         outputs = []
-        for seq, token, entry in zip(seqs, tokens, entries):
+        for i, (seq, token, entry) in enumerate(zip(seqs, tokens, entries)):
+            if i in failures:
+                outputs.append(self._fail(seq, failures[i]))
+                continue
             seq.tokens.append(token)
             self.generation_tokens_total += 1
             text = ""
@@ -287,6 +297,14 @@ class Engine:
             outputs.append(self._output(seq, [token], text, entry))
         return outputs
 
+    def _fail(self, seq: Sequence, error: str) -> SequenceOutput:
+        """End one sequence with an error (its request fails, the batch goes on)."""
+        seq.finish_reason = "error"
+        self._release(seq)
+        output = self._output(seq, [], "", [])
+        output.error = error
+        return output
+
     def _context_full(self, seq: Sequence) -> bool:
         return self.max_model_len is not None and self.cache.lengths[seq.row] + 1 >= self.max_model_len
 
@@ -302,6 +320,14 @@ class Engine:
             new_logprobs=logprobs, finish_reason=seq.finish_reason,
             prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
             arrival=seq.request.arrival)
+
+
+def _draw(seq: Sequence, logits: torch.Tensor) -> int:
+    """logits [vocab] of one sequence -> its token under its penalties and sampling parameters."""
+    p = seq.params
+    row = apply_penalties(logits, p, seq.prompt, seq.tokens) if p.penalized else logits
+    return int(sample(row[None], temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                      generator=seq.generator)[0])
 
 
 def _logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:

@@ -77,6 +77,7 @@ class SequenceOutput:
     new_tokens: list[int]
     new_text: str
     new_logprobs: list[TokenLogprob]  # one per new token when params.logprobs is set, else empty
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is done (if asked)
     arrival: float = 0.0  # the request's time.monotonic() on arrival (for latency metrics)
+    error: str | None = None  # why the sequence failed (finish_reason "error")

@@ -53,7 +53,9 @@ class Serving:
                            type="NotFoundError", param="model")
 
     def default_max_tokens(self, prompt_len: int) -> int:
-        return self.max_len - prompt_len if self.max_len is not None else (self.model_args.max_seq_len or 4096)
+        """What is left of the context; at least 1, so that a prompt too long for it gets the
+        context-length error rather than a negative max_tokens."""
+        return max(1, self.max_len - prompt_len) if self.max_len is not None else (self.model_args.max_seq_len or 4096)
 
 
 def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -212,6 +214,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
 async def _answer(serving: Serving, requests: list[Request], shaper, body, http: HTTPRequest):
     """The ending both generation routes share: submit the requests (validated there, once), then
     stream SSE chunks or answer with the whole body."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     streams = serving.worker.submit(requests)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -6,7 +6,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingError, SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -14,7 +14,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    # Unknown fields (user, logit_bias=None, ...) are accepted and ignored, as OpenAI clients send them.
+    # Unknown fields (user, ...) are accepted and ignored, as OpenAI clients send them.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
@@ -41,7 +41,14 @@ class _Sampling(BaseModel):
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, seed=self.seed,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            n=self.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            n=self.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=self._token_bias())
+
+    def _token_bias(self) -> dict[int, float] | None:
+        """OpenAI's logit_bias has token ids as JSON keys, so strings: "42" -> 42."""
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        except ValueError:
+            raise SamplingError("logit_bias", "logit_bias keys must be token ids (integers)") from None
 
 
 class CompletionRequest(_Sampling):
