@@ -414,6 +414,7 @@ def _run_serve(args) -> None:
 
     _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
     model, tokenizer = _load(args)
+    _check_max_model_len(args.max_model_len, model)
     max_len = args.max_model_len or model.args.max_seq_len
     rows = kv_rows(model, max_len, args.kv_cache_gb, args.max_num_seqs)
     engine = Engine(model, tokenizer, max_num_seqs=rows, max_model_len=args.max_model_len,
@@ -424,6 +425,16 @@ def _run_serve(args) -> None:
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({rows} sequences at once, "
           f"max length {engine.max_model_len or 'unbounded (sliding window)'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _check_max_model_len(asked: int | None, model) -> None:
+    """Refuse a --max-model-len beyond the model's context (as vLLM does) rather than cap it unseen."""
+    from .engine.engine import context_limit
+
+    limit = context_limit(model)
+    if asked is not None and limit is not None and asked > limit:
+        raise InputError(f"--max-model-len {asked} is more than this model's context ({limit} tokens); "
+                         f"give at most {limit} or leave it out")
 
 
 def _check_port(host: str, port: int) -> None:

@@ -3,6 +3,8 @@ overload, shutdown. A real `mistral7b serve` on 127.0.0.1, the official `openai`
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from _server import start_server, stop_server
+from _server import free_port, start_server, stop_server
 
 API_KEY = "contract-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -118,3 +120,11 @@ def test_over_long_prompt_without_max_tokens_names_the_context(server, route):
         {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 600}]}
     message = assert_error(post(server, route, {**body, "max_tokens": None}), 400)
     assert "maximum context length is 512" in message
+
+
+def test_max_model_len_beyond_the_context_refuses_to_start():
+    done = subprocess.run([sys.executable, "-m", "mistral7b", "serve", "--port", str(free_port()), "--dtype", "fp32",
+                           "--max-model-len", "10100"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: --max-model-len 10100 is more than this model's context (8192 tokens); give at most 8192 or leave it out"]
