@@ -3,6 +3,7 @@ overload, shutdown. A real `mistral7b serve` on 127.0.0.1, the official `openai`
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -11,6 +12,11 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
+import uvicorn
+
+import mistral7b
+from mistral7b.engine import Engine
+from mistral7b.server import create_app
 
 from _server import free_port, start_server, stop_server
 
@@ -128,3 +134,75 @@ def test_max_model_len_beyond_the_context_refuses_to_start():
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.splitlines() == [
         "error: --max-model-len 10100 is more than this model's context (8192 tokens); give at most 8192 or leave it out"]
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of an SSE response, parsed ("[DONE]" kept as is)."""
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+            for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def stream_completion(url: str, events: list, **fields) -> None:
+    body = {"model": MODEL, "prompt": "Count: 1, 2,", "stream": True, **fields}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=300) as response:
+        assert response.status_code == 200
+        events += sse_events(response)
+
+
+def test_extreme_sampling_values_do_not_fail_the_batch(server, client):
+    events: list = []
+    bystander = threading.Thread(target=stream_completion, args=(server, events),
+                                 kwargs={"max_tokens": 60, "ignore_eos": True, "temperature": 0})
+    bystander.start()
+    assert wait_for(lambda: gauges(server)["mistral7b:num_requests_running"] >= 1, 30)
+    greedy = completion(server, max_tokens=4).json()["choices"][0]["text"]
+    assert completion(server, max_tokens=4, temperature=1e-300).json()["choices"][0]["text"] == greedy
+    assert completion(server, max_tokens=4, temperature=1, repetition_penalty=1e-300).status_code == 200
+    assert_error(completion(server, seed=2**64, temperature=1), 400, "seed")
+    bystander.join()
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def _faulty_sample(real):
+    """The sampler, raising for requests with top_k=7: a stand-in for a bug one request's values hit."""
+    def sample(logits, **kwargs):
+        if kwargs.get("top_k") == 7:
+            raise RuntimeError("injected sampling fault")
+        return real(logits, **kwargs)
+    return sample
+
+
+@pytest.fixture()
+def faulty_server(monkeypatch):
+    """This process serving the model over a sampler that fails for top_k=7, on 127.0.0.1."""
+    import mistral7b.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "sample", _faulty_sample(engine_module.sample))
+    engine = Engine(mistral7b.load(None), mistral7b.load_tokenizer(None), max_num_seqs=4, max_model_len=512)
+    app = create_app(engine, mistral7b.load_tokenizer(None), model_name=MODEL, api_key=API_KEY)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started, 60)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_a_failing_sequence_ends_alone_with_an_error_event(faulty_server):
+    url = faulty_server
+    events: list = []
+    bystander = threading.Thread(target=stream_completion, args=(url, events),
+                                 kwargs={"max_tokens": 40, "ignore_eos": True, "temperature": 1, "seed": 1})
+    bystander.start()
+    assert wait_for(lambda: gauges(url)["mistral7b:num_requests_running"] >= 1, 30)
+    failed: list = []
+    stream_completion(url, failed, max_tokens=10, temperature=1, top_k=7)
+    assert failed[-1] == "[DONE]" and "injected sampling fault" in failed[-2]["error"]["message"]
+    assert failed[-2]["error"]["code"] == 500
+    message = assert_error(completion(url, temperature=1, top_k=7), 500)
+    assert "injected sampling fault" in message
+    bystander.join()
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for e in events[:-1] if e["choices"][0]["text"]) >= 30

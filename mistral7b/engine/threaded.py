@@ -29,7 +29,8 @@ class _Listener:
 
 
 class EngineFailure(RuntimeError):
-    """The engine raised while stepping (a bug, not a client's mistake): the request cannot finish."""
+    """The engine raised while stepping or sampling a sequence (a bug, not a client's mistake): the
+    request cannot finish."""
 
 
 class ThreadedEngine:
@@ -74,6 +75,8 @@ class ThreadedEngine:
                 out = await listener.queue.get()
                 if isinstance(out, Exception):
                     raise out
+                if out.error is not None:  # this sequence failed alone; the rest of the request is aborted
+                    raise EngineFailure(out.error)
                 if out.finish_reason is not None:
                     remaining -= 1
                 yield out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 from typing import Annotated, AsyncIterator
 
@@ -19,12 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..engine import Engine, QueueFull, Request, SequenceOutput
-from ..engine.threaded import ThreadedEngine
+from ..engine.threaded import EngineFailure, ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
 from . import responses
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -33,8 +36,12 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param = status, message, type, param
 
 
+def _error_body(status: int, message: str, type: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": status}}
+
+
 def _error(status: int, message: str, type: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": status}}, status_code=status)
+    return JSONResponse(_error_body(status, message, type, param), status_code=status)
 
 
 class Serving:
@@ -97,8 +104,12 @@ async def _full(_, e: QueueFull):
     return _error(503, str(e), "ServiceUnavailableError")
 
 
+async def _failed(_, e: EngineFailure):
+    return _error(500, str(e), "InternalServerError")
+
+
 _ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, InputError: _input,
-                   SamplingError: _sampling, QueueFull: _full}
+                   SamplingError: _sampling, QueueFull: _full, EngineFailure: _failed}
 
 
 # -- dependencies ------------------------------------------------------------------------------
@@ -287,10 +298,16 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
 
 def _sse(chunks: AsyncIterator[dict], *, include_usage: bool, usage) -> StreamingResponse:
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        if include_usage:
-            yield f"data: {json.dumps(usage())}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps(usage())}\n\n"
+        except Exception as e:  # the 200 is already sent: the error travels as the stream's last event
+            if not isinstance(e, EngineFailure):
+                log.exception("stream failed")
+            message = str(e) if isinstance(e, EngineFailure) else "internal server error"
+            yield f"data: {json.dumps(_error_body(500, message, 'InternalServerError'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
