@@ -266,7 +266,8 @@ def _load_model(args):
         raise InputError("--lora with --tp: fold the adapter in first (mistral7b merge --lora DIR --out MERGED) "
                          "and run --model MERGED")
     check_quantize_args(args.quantize, args.group_size)
-    quantize_mode = default_quantize(args.model, args.dtype, args.quantize)
+    # An adapter folds into float weights, so a GGUF's blocks cannot stay: float unless --quantize asks.
+    quantize_mode = args.quantize if args.lora else default_quantize(args.model, args.dtype, args.quantize)
     if not args.lora:
         model = load(args.model, dtype=_dtype(args.dtype), device=_device(args.device),
                      quantize=quantize_mode, group_size=args.group_size, shard=shard())

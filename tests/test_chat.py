@@ -36,7 +36,8 @@ def test_answers_are_coherent_and_equal_across_paths(default):
     model, tok = default
     expected = library_answer(model, tok, [{"role": "user", "content": QUESTION}])
     assert "Paris" in expected
-    cli = subprocess.run([sys.executable, "-m", "mistral7b", "generate", "--chat", QUESTION, "--max-tokens", "40"],
+    cli = subprocess.run([sys.executable, "-m", "mistral7b", "generate", "--chat", QUESTION, "--max-tokens", "40",
+                          "--dtype", "fp32"],
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == expected.strip()
@@ -61,8 +62,8 @@ def test_session_feeds_only_new_tokens_and_matches_fresh_encoding(default):
 
 def test_chat_command_with_piped_stdin(tmp_path):
     script = f"{QUESTION}\n/reset\n{QUESTION}\n/exit\nnever read\n"
-    out = subprocess.run([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "40"], input=script,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "40", "--dtype", "fp32"],
+                         input=script, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     answers = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(answers) == 2 and answers[0] == answers[1] and "Paris" in answers[0]
@@ -73,8 +74,8 @@ def test_chat_command_with_piped_stdin(tmp_path):
 def test_ctrl_c_stops_the_answer_not_the_program():
     # SIGINT as a terminal gives it: a runner started in the background (`cmd &` in a script) passes
     # SIGINT on as ignored, and Python then installs no KeyboardInterrupt handler.
-    proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "300"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
+    proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "300", "--dtype", "fp32"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("Tell me a very long story about a dragon.\n")
     proc.stdin.flush()

@@ -62,7 +62,7 @@ def test_our_scores_equal_lm_eval_through_the_same_server(tmp_path):
     pytest.importorskip("lm_eval")
     for name, text in TASKS.items():
         (tmp_path / f"{name}.yaml").write_text(text.format(dir=FIXTURES))
-    proc, url = start_server("--max-model-len", "512")
+    proc, url = start_server("--max-model-len", "512", "--dtype", "fp32")
     try:
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         done = subprocess.run(

@@ -64,7 +64,7 @@ def test_lm_eval_local_completions_matches_our_scoring(tmp_path):
     data = tmp_path / "tiny_mc.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "label": l}) + "\n" for q, c, l in DOCS))
     (tmp_path / "tiny_mc.yaml").write_text(TASK.format(data=data))
-    proc, url = start_server("--max-model-len", "512")
+    proc, url = start_server("--max-model-len", "512", "--dtype", "fp32")
     try:
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         run = subprocess.run(

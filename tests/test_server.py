@@ -19,7 +19,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--api-key", API_KEY, "--max-num-seqs", "32", "--max-model-len", "512")
+    proc, url = start_server("--api-key", API_KEY, "--max-num-seqs", "32", "--max-model-len", "512", "--dtype", "fp32")
     yield url
     stop_server(proc)
 
