@@ -206,3 +206,29 @@ def test_a_failing_sequence_ends_alone_with_an_error_event(faulty_server):
     bystander.join()
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
     assert sum(1 for e in events[:-1] if e["choices"][0]["text"]) >= 30
+
+
+def test_streams_over_the_queue_bound_get_503_before_the_status_line():
+    proc, url = start_server("--max-num-seqs", "4", "--max-queue", "8", "--max-model-len", "512", "--dtype", "fp32")
+    outcomes: list[tuple[int, str | None, list]] = []
+
+    def ask():
+        body = {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 48, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+            events = sse_events(response) if response.status_code == 200 else []
+            outcomes.append((response.status_code, response.headers.get("retry-after"), events))
+
+    try:
+        callers = [threading.Thread(target=ask) for _ in range(30)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+    finally:
+        stop_server(proc)
+    served = [events for status, _, events in outcomes if status == 200]
+    refused = [retry for status, retry, _ in outcomes if status == 503]
+    assert len(served) + len(refused) == 30 and refused and len(served) >= 8  # at least the queue bound
+    assert all(retry == "1" for retry in refused)
+    for events in served:  # no empty 200s: every stream that got its status line runs to the end
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"

@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 class _Listener:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    accepted: asyncio.Future  # done once the engine thread has queued the request (or found no room)
     last_token_at: dict[int, float] = field(default_factory=dict)  # per choice index
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():  # its waiter may have given up
+        future.set_result(None) if error is None else future.set_exception(error)
 
 
 class EngineFailure(RuntimeError):
@@ -53,22 +59,39 @@ class ThreadedEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def submit(self, requests: list[Request]) -> list[AsyncIterator[SequenceOutput]]:
-        """Validate the requests and check the queue has room for them all, before any is queued
-        (InputError -> the caller's 400, QueueFull -> 503); -> one output stream per request. A
-        stream queues its request when first read; leaving it early (client gone) aborts it."""
+    async def submit(self, requests: list[Request]) -> list[AsyncIterator[SequenceOutput]]:
+        """Validate the requests (InputError -> the caller's 400) and queue them all in the engine,
+        or none (QueueFull -> 503): this returns once the engine thread has taken them, so a caller
+        can still answer with a status of its choice. -> one output stream per request; leaving one
+        early (client gone) aborts its request."""
         for request in requests:
             self.engine.validate(request)
         waiting = self.engine.num_waiting + self._incoming.qsize()
         if waiting + len(requests) > self.engine.max_queue:
             raise QueueFull(f"the server is overloaded ({waiting} requests waiting); retry later")
-        return [self._outputs(request) for request in requests]
+        listeners = [self._hand_over(request) for request in requests]
+        try:
+            await asyncio.gather(*(listener.accepted for listener in listeners))
+        except (QueueFull, asyncio.CancelledError):  # others took the last places since the count above
+            for request in requests:
+                self._abandon(request.request_id)
+            raise
+        return [self._outputs(request, listener) for request, listener in zip(requests, listeners)]
 
-    async def _outputs(self, request: Request) -> AsyncIterator[SequenceOutput]:
-        listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
+    def _hand_over(self, request: Request) -> _Listener:
+        loop = asyncio.get_running_loop()
+        listener = _Listener(loop, asyncio.Queue(), loop.create_future())
         self._listeners[request.request_id] = listener
         self._incoming.put(request)
         self._wake.set()
+        return listener
+
+    def _abandon(self, request_id: str) -> None:
+        self._listeners.pop(request_id, None)
+        self._aborts.put(request_id)
+        self._wake.set()
+
+    async def _outputs(self, request: Request, listener: _Listener) -> AsyncIterator[SequenceOutput]:
         remaining = request.params.n
         try:
             while remaining:
@@ -81,10 +104,10 @@ class ThreadedEngine:
                     remaining -= 1
                 yield out
         finally:
-            self._listeners.pop(request.request_id, None)
             if remaining:
-                self._aborts.put(request.request_id)
-                self._wake.set()
+                self._abandon(request.request_id)
+            else:
+                self._listeners.pop(request.request_id, None)
 
     def _apply_handovers(self) -> None:
         while not self._incoming.empty():
@@ -95,7 +118,10 @@ class ThreadedEngine:
             try:
                 self.engine.enqueue(request)  # validated by submit()
             except QueueFull as e:  # others filled the queue since submit() looked
-                listener.loop.call_soon_threadsafe(listener.queue.put_nowait, e)
+                self._listeners.pop(request.request_id, None)
+                listener.loop.call_soon_threadsafe(_settle, listener.accepted, e)
+            else:
+                listener.loop.call_soon_threadsafe(_settle, listener.accepted, None)
         while not self._aborts.empty():
             self.engine.abort(self._aborts.get())
 

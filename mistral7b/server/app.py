@@ -101,7 +101,9 @@ async def _sampling(_, e: SamplingError):
 
 
 async def _full(_, e: QueueFull):
-    return _error(503, str(e), "ServiceUnavailableError")
+    response = _error(503, str(e), "ServiceUnavailableError")
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 async def _failed(_, e: EngineFailure):
@@ -227,7 +229,7 @@ async def _answer(serving: Serving, requests: list[Request], shaper, body, http:
     stream SSE chunks or answer with the whole body."""
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    streams = serving.worker.submit(requests)
+    streams = await serving.worker.submit(requests)  # before any status line: a full queue is a 503
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(shaper.stream(_merge(streams)), include_usage=include_usage, usage=shaper.usage)
