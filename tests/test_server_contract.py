@@ -232,3 +232,36 @@ def test_streams_over_the_queue_bound_get_503_before_the_status_line():
     assert all(retry == "1" for retry in refused)
     for events in served:  # no empty 200s: every stream that got its status line runs to the end
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_assistant_content_null_is_an_empty_turn(client):
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": None},
+                {"role": "user", "content": "Answer in one word."}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages.0.content"),
+    ("/v1/completions", '{"prompt": "x\\ud800", "max_tokens": 2}', "prompt"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+])
+def test_lone_surrogates_are_400(server, path, body, param):
+    response = httpx.post(f"{server}{path}", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert "Unicode" in assert_error(response, 400, param)
+
+
+def test_every_error_has_the_openai_shape(server):
+    assert_error(httpx.get(f"{server}/no/such/route"), 404)
+    assert_error(httpx.get(f"{server}/v1/completions", headers=AUTH), 405)
+    invalid = httpx.post(f"{server}/v1/completions", content=b'{"prompt": ', headers={**AUTH, "Content-Type": "application/json"})
+    assert "JSON" in assert_error(invalid, 400, None) and invalid.json()["error"]["param"] is None
+    assert_error(httpx.post(f"{server}/v1/completions", json={"prompt": 3}, headers=AUTH), 400, "prompt")
+
+
+def test_the_openapi_document_lists_the_error_statuses(server):
+    responses = httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "500", "503"} <= set(responses)
+    assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}

@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import secrets
+from http import HTTPStatus
 from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import Engine, QueueFull, Request, SequenceOutput
@@ -25,7 +27,8 @@ from ..errors import InputError
 from ..sampling import SamplingError
 from . import responses
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                       TokenizeRequest)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,29 @@ async def _api_error(_, e: APIError):
 
 async def _invalid(_, e: RequestValidationError):
     first = e.errors()[0] if e.errors() else {}
-    loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-    return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", "BadRequestError", loc)
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        return _error(400, f"the body is not valid JSON: {first.get('msg')}", "BadRequestError")
+    loc = first.get("loc", ())[1:]  # after "body"; union members add their type names ("prompt.str")
+    where = ".".join(str(x) for x in loc) or "body"
+    return _error(400, f"{where}: {first.get('msg', 'invalid request')}", "BadRequestError", str(loc[0]) if loc else None)
+
+
+def _error_type(status: int) -> str:
+    """OpenAI's names: 404 -> NotFoundError, 405 -> MethodNotAllowedError, 500 -> InternalServerError."""
+    name = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    return name if name.endswith("Error") else name + "Error"
+
+
+async def _http(_, e: StarletteHTTPException):
+    """Starlette's own errors (unknown route, wrong method, ...) in the OpenAI shape."""
+    response = _error(e.status_code, str(e.detail), _error_type(e.status_code))
+    response.headers.update(e.headers or {})
+    return response
+
+
+async def _unexpected(_, e: Exception):
+    """A bug: a 500 in the OpenAI shape (Starlette logs the traceback)."""
+    return _error(500, "internal server error", "InternalServerError")
 
 
 async def _input(_, e: InputError):
@@ -111,7 +135,8 @@ async def _failed(_, e: EngineFailure):
 
 
 _ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, InputError: _input,
-                   SamplingError: _sampling, QueueFull: _full, EngineFailure: _failed}
+                   SamplingError: _sampling, QueueFull: _full, EngineFailure: _failed,
+                   StarletteHTTPException: _http, Exception: _unexpected}
 
 
 # -- dependencies ------------------------------------------------------------------------------
@@ -130,8 +155,10 @@ async def _authorize(http: HTTPRequest, serving: ServingDep) -> None:
         raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", type="AuthenticationError")
 
 
-router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+# What the OpenAPI document lists: the statuses these routes really answer with, in one shape.
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+router = APIRouter(responses=_ERRORS)
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)], responses=_ERRORS)
 
 
 # -- informational routes ----------------------------------------------------------------------
@@ -164,9 +191,9 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
     if body.messages is not None:
-        ids = tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+        ids = tokenizer.encode_chat(_chat(body.messages))
     else:
-        ids = tokenizer.encode(body.prompt, bos=tokenizer.add_bos and body.add_special_tokens)
+        ids = tokenizer.encode(_unicode(body.prompt, "prompt"), bos=tokenizer.add_bos and body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_len}
 
 
@@ -216,7 +243,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
         raise APIError(400, "tools are not supported", param="tools")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise APIError(400, "response_format other than text is not supported", param="response_format")
-    ids = serving.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+    ids = serving.tokenizer.encode_chat(_chat(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
@@ -261,11 +288,35 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for p in prompt:
-        ids = tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p)
+        ids = tokenizer.encode(_unicode(p, "prompt"), bos=tokenizer.add_bos) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         out.append(ids)
     return out
+
+
+def _unicode(text: str, param: str) -> str:
+    """Text for the tokenizer. JSON can carry a lone surrogate ("\\ud800"), which is no Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate at character {e.start}",
+                       param=param) from None
+    return text
+
+
+def _chat(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the tokenizer takes them. A null content (an assistant turn that only called
+    tools, as OpenAI clients send it) is an empty one."""
+    chat = []
+    for i, message in enumerate(messages):
+        content = message.content if message.content is not None else ""
+        parts = [content] if isinstance(content, str) else [p.get("text") for p in content]
+        for text in parts:
+            if isinstance(text, str):
+                _unicode(text, f"messages.{i}.content")
+        chat.append({**message.model_dump(exclude_none=True), "content": content})
+    return chat
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
