@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=1024,
                    help="most requests waiting for a slot; past it the server answers 503 (default: 1024)")
     p.add_argument("--chunk-size", type=int, help="pre-fill chunk per sequence (default: the sliding window)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests may go on before they are stopped (default: 10)")
     _model_flags(p)
     _tp_flag(p)
     p.set_defaults(run=_run_serve)
@@ -407,11 +409,10 @@ def _chat_header(args, model, max_len: int | None) -> str:
 
 
 def _run_serve(args) -> None:
-    import uvicorn
-
     from .defaults import DEFAULT_MODEL_NAME
     from .engine import Engine
     from .server import create_app, kv_rows
+    from .server.run import serve
 
     _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
     model, tokenizer = _load(args)
@@ -425,7 +426,7 @@ def _run_serve(args) -> None:
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({rows} sequences at once, "
           f"max length {engine.max_model_len or 'unbounded (sliding window)'})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
 
 
 def _check_max_model_len(asked: int | None, model) -> None:

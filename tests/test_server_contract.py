@@ -265,3 +265,30 @@ def test_the_openapi_document_lists_the_error_statuses(server):
     responses = httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/completions"]["post"]["responses"]
     assert {"400", "401", "404", "500", "503"} <= set(responses)
     assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def test_sigterm_drains_within_the_shutdown_timeout_and_exits_0():
+    proc, url = start_server("--api-key", API_KEY, "--max-model-len", "512", "--dtype", "fp32",
+                             "--shutdown-timeout", "2")
+    long = {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 480, "ignore_eos": True}
+    events: list = []
+    answers: list[httpx.Response] = []
+    callers = [threading.Thread(target=stream_completion, args=(url, events), kwargs=long),
+               threading.Thread(target=lambda: answers.append(post(url, "/v1/completions", long)))]
+    try:
+        for caller in callers:
+            caller.start()
+        assert wait_for(lambda: gauges(url)["mistral7b:num_requests_running"] == 2, 30)
+        proc.terminate()
+        sent = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        exited = time.monotonic() - sent
+        for caller in callers:
+            caller.join()
+    finally:
+        stop_server(proc)
+    assert 2 <= exited < 6
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503  # the stream's final event
+    assert "shut down" in assert_error(answers[0], 503)
+    with pytest.raises(httpx.ConnectError):  # no longer accepting
+        httpx.get(f"{url}/health")

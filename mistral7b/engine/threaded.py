@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+from ..errors import Mistral7BError
 from .engine import Engine, QueueFull
 from .request import Request, SequenceOutput
 
@@ -39,6 +40,10 @@ class EngineFailure(RuntimeError):
     request cannot finish."""
 
 
+class ShuttingDown(Mistral7BError):
+    """The server is stopping: no new requests, and those still running at the drain's deadline end."""
+
+
 class ThreadedEngine:
     def __init__(self, engine: Engine, *, on_step: Callable[[Engine], None] | None = None,
                  on_token: Callable[[str, float], None] | None = None):
@@ -51,6 +56,7 @@ class ThreadedEngine:
         self._listeners: dict[str, _Listener] = {}
         self._wake = threading.Event()
         self._stop = False
+        self._drain_deadline: float | None = None  # time.monotonic() at which running requests are stopped
         self._thread = threading.Thread(target=self._run, name="mistral7b-engine", daemon=True)
         self._thread.start()
 
@@ -59,11 +65,19 @@ class ThreadedEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests from now on and stop those still running in `timeout` seconds: their
+        streams end with ShuttingDown (safe to call from a signal handler)."""
+        self._drain_deadline = time.monotonic() + timeout
+        self._wake.set()
+
     async def submit(self, requests: list[Request]) -> list[AsyncIterator[SequenceOutput]]:
         """Validate the requests (InputError -> the caller's 400) and queue them all in the engine,
         or none (QueueFull -> 503): this returns once the engine thread has taken them, so a caller
         can still answer with a status of its choice. -> one output stream per request; leaving one
         early (client gone) aborts its request."""
+        if self._drain_deadline is not None:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         for request in requests:
             self.engine.validate(request)
         waiting = self.engine.num_waiting + self._incoming.qsize()
@@ -128,6 +142,8 @@ class ThreadedEngine:
     def _run(self) -> None:
         while not self._stop:
             self._apply_handovers()
+            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                self._fail_all(ShuttingDown("the server shut down before this request finished"))
             if not self.engine.has_work:
                 if self.on_step:
                     self.on_step(self.engine)
@@ -138,9 +154,7 @@ class ThreadedEngine:
                 outputs = self.engine.step()
             except Exception as e:  # a bug: fail the running requests loudly instead of hanging them
                 log.exception("engine step failed")
-                for request_id, listener in list(self._listeners.items()):
-                    listener.loop.call_soon_threadsafe(listener.queue.put_nowait, EngineFailure(str(e)))
-                    self.engine.abort(request_id)
+                self._fail_all(EngineFailure(str(e)))
                 continue
             now = time.monotonic()
             for out in outputs:
@@ -151,6 +165,12 @@ class ThreadedEngine:
                 listener.loop.call_soon_threadsafe(listener.queue.put_nowait, out)
             if self.on_step:
                 self.on_step(self.engine)
+
+    def _fail_all(self, error: Exception) -> None:
+        """End every request with `error` in its stream (the engine thread only)."""
+        for request_id, listener in list(self._listeners.items()):
+            listener.loop.call_soon_threadsafe(listener.queue.put_nowait, error)
+            self.engine.abort(request_id)
 
     def _time_token(self, out: SequenceOutput, listener: _Listener, now: float) -> None:
         if self.on_token is None or not out.new_tokens:

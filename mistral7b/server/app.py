@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import Engine, QueueFull, Request, SequenceOutput
-from ..engine.threaded import EngineFailure, ThreadedEngine
+from ..engine.threaded import EngineFailure, ShuttingDown, ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
 from . import responses
@@ -134,8 +134,12 @@ async def _failed(_, e: EngineFailure):
     return _error(500, str(e), "InternalServerError")
 
 
+async def _stopping(_, e: ShuttingDown):
+    return _error(503, str(e), "ServiceUnavailableError")
+
+
 _ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, InputError: _input,
-                   SamplingError: _sampling, QueueFull: _full, EngineFailure: _failed,
+                   SamplingError: _sampling, QueueFull: _full, EngineFailure: _failed, ShuttingDown: _stopping,
                    StarletteHTTPException: _http, Exception: _unexpected}
 
 
@@ -357,10 +361,11 @@ def _sse(chunks: AsyncIterator[dict], *, include_usage: bool, usage) -> Streamin
             if include_usage:
                 yield f"data: {json.dumps(usage())}\n\n"
         except Exception as e:  # the 200 is already sent: the error travels as the stream's last event
-            if not isinstance(e, EngineFailure):
+            if not isinstance(e, (EngineFailure, ShuttingDown)):
                 log.exception("stream failed")
-            message = str(e) if isinstance(e, EngineFailure) else "internal server error"
-            yield f"data: {json.dumps(_error_body(500, message, 'InternalServerError'))}\n\n"
+            status = 503 if isinstance(e, ShuttingDown) else 500
+            message = "internal server error" if status == 500 and not isinstance(e, EngineFailure) else str(e)
+            yield f"data: {json.dumps(_error_body(status, message, _error_type(status)))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
