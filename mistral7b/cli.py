@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, help="pre-fill chunk per sequence (default: the sliding window)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running requests may go on before they are stopped (default: 10)")
+    p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, metavar="N",
+                   help="largest request body; a bigger one gets a 413 before it is parsed (default: 8 MiB)")
     _model_flags(p)
     _tp_flag(p)
     p.set_defaults(run=_run_serve)
@@ -423,7 +425,7 @@ def _run_serve(args) -> None:
                     max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
                     max_queue=args.max_queue)
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
-    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key)
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({rows} sequences at once, "
           f"max length {engine.max_model_len or 'unbounded (sliding window)'})", file=sys.stderr)
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)

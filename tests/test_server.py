@@ -160,7 +160,7 @@ def test_tokenize_detokenize_info(server, local):
 
     def post(path, payload):
         req = urllib.request.Request(f"{server}{path}", data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
         return json.loads(urllib.request.urlopen(req).read())
 
     ids = post("/tokenize", {"prompt": "Hello world"})["tokens"]

@@ -292,3 +292,22 @@ def test_sigterm_drains_within_the_shutdown_timeout_and_exits_0():
     assert "shut down" in assert_error(answers[0], 503)
     with pytest.raises(httpx.ConnectError):  # no longer accepting
         httpx.get(f"{url}/health")
+
+
+def test_a_body_over_the_bound_is_413(server):
+    big = b'{"prompt": "' + b"a" * (9 * 2**20) + b'"}'
+    headers = {**AUTH, "Content-Type": "application/json"}
+    assert "--max-request-bytes" in assert_error(httpx.post(f"{server}/v1/completions", content=big, headers=headers), 413)
+
+    def chunked():  # no Content-Length: the bound counts the bytes as they come
+        for start in range(0, len(big), 2**20):
+            yield big[start:start + 2**20]
+
+    assert_error(httpx.post(f"{server}/tokenize", content=chunked(), headers=headers), 413)
+    assert completion(server).status_code == 200  # the server is fine afterwards
+
+
+@pytest.mark.parametrize("path, body", [("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [42]})])
+def test_tokenize_routes_want_the_key(server, path, body):
+    assert_error(httpx.post(f"{server}{path}", json=body), 401)
+    assert post(server, path, body).status_code == 200

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -26,6 +27,7 @@ from ..engine.threaded import EngineFailure, ShuttingDown, ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
 from . import responses
+from .body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, ErrorResponse,
                        TokenizeRequest)
@@ -68,9 +70,11 @@ class Serving:
         return max(1, self.max_len - prompt_len) if self.max_len is not None else (self.model_args.max_seq_len or 4096)
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     app = FastAPI(title="mistral7b", version=__version__, lifespan=_lifespan)
     app.state.serving = Serving(engine, tokenizer, model_name=model_name, api_key=api_key)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     for error, handler in _ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     app.include_router(router)
@@ -160,7 +164,7 @@ async def _authorize(http: HTTPRequest, serving: ServingDep) -> None:
 
 
 # What the OpenAPI document lists: the statuses these routes really answer with, in one shape.
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 router = APIRouter(responses=_ERRORS)
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)], responses=_ERRORS)
 
@@ -188,20 +192,22 @@ async def prometheus(serving: ServingDep):
     return Response(generate_latest(serving.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/tokenize")
+# Behind the key too: tokenizing is CPU work that anyone could ask of the server.
+@router.post("/tokenize", dependencies=[Depends(_authorize)])
 async def tokenize(body: TokenizeRequest, serving: ServingDep):
     serving.check_model(body.model)
     tokenizer = serving.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
     if body.messages is not None:
-        ids = tokenizer.encode_chat(_chat(body.messages))
+        ids = await run_in_threadpool(tokenizer.encode_chat, _chat(body.messages))
     else:
-        ids = tokenizer.encode(_unicode(body.prompt, "prompt"), bos=tokenizer.add_bos and body.add_special_tokens)
+        bos = tokenizer.add_bos and body.add_special_tokens
+        ids = await run_in_threadpool(tokenizer.encode, _unicode(body.prompt, "prompt"), bos=bos)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_len}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", dependencies=[Depends(_authorize)])
 async def detokenize(body: DetokenizeRequest, serving: ServingDep):
     serving.check_model(body.model)
     bad = [t for t in body.tokens if not 0 <= t < serving.model_args.vocab_size]
@@ -229,7 +235,7 @@ async def completions(body: CompletionRequest, http: HTTPRequest, serving: Servi
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of is not supported (use n)", param="best_of")
-    prompts = _prompt_ids(body.prompt, serving.tokenizer)
+    prompts = await run_in_threadpool(_prompt_ids, body.prompt, serving.tokenizer)  # off the event loop
     requests = []
     for ids in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else serving.default_max_tokens(len(ids))
@@ -247,7 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
         raise APIError(400, "tools are not supported", param="tools")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise APIError(400, "response_format other than text is not supported", param="response_format")
-    ids = serving.tokenizer.encode_chat(_chat(body.messages))
+    ids = await run_in_threadpool(serving.tokenizer.encode_chat, _chat(body.messages))  # off the event loop
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
