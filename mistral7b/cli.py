@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long running requests may go on before they are stopped (default: 10)")
     p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, metavar="N",
                    help="largest request body; a bigger one gets a 413 before it is parsed (default: 8 MiB)")
+    p.add_argument("--allowed-origins", type=_names, default=[], metavar="ORIGINS",
+                   help="CORS: comma-separated origins browser pages may call from, * for any (default: none)")
+    p.add_argument("--allowed-methods", type=_names, default=["GET", "POST"], metavar="METHODS",
+                   help="CORS: comma-separated methods (default: GET,POST)")
+    p.add_argument("--allowed-headers", type=_names, default=["*"], metavar="HEADERS",
+                   help="CORS: comma-separated request headers (default: *)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
+                   help="info adds one line per request: method, route, status, tokens, latency, request id "
+                        "(default: warning)")
     _model_flags(p)
     _tp_flag(p)
     p.set_defaults(run=_run_serve)
@@ -425,10 +434,17 @@ def _run_serve(args) -> None:
                     max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
                     max_queue=args.max_queue)
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
-    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                     allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                     allowed_headers=args.allowed_headers)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({rows} sequences at once, "
           f"max length {engine.max_model_len or 'unbounded (sliding window)'})", file=sys.stderr)
-    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated flag value -> its names."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _check_max_model_len(asked: int | None, model) -> None:

@@ -311,3 +311,35 @@ def test_a_body_over_the_bound_is_413(server):
 def test_tokenize_routes_want_the_key(server, path, body):
     assert_error(httpx.post(f"{server}{path}", json=body), 401)
     assert post(server, path, body).status_code == 200
+
+
+def test_cors_aliases_request_id_and_access_log():
+    proc, url = start_server("--api-key", API_KEY, "--max-model-len", "512", "--dtype", "fp32",
+                             "--allowed-origins", "http://ui.example", "--log-level", "info")
+    try:
+        preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        allowed = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://ui.example"
+        refused = httpx.options(f"{url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in refused.headers
+        bare = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)  # no /v1 in the base URL
+        assert [m.id for m in bare.models.list().data] == [MODEL]
+        chat = bare.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0,
+            extra_headers={"X-Request-Id": "client-id-1", "Origin": "http://ui.example"})
+        assert chat.headers["x-request-id"] == "client-id-1"
+        assert chat.headers["access-control-allow-origin"] == "http://ui.example"
+        usage = chat.parse().usage
+        assert len(httpx.get(f"{url}/health").headers["x-request-id"]) == 32  # a new id when none is given
+    finally:
+        stop_server(proc)
+    lines = [line for line in proc.stdout.read().splitlines() if "request_id=client-id-1" in line]
+    assert len(lines) == 1
+    assert (f"POST /chat/completions 200 prompt_tokens={usage.prompt_tokens} "
+            f"completion_tokens={usage.completion_tokens} latency=") in lines[0]
+
+
+def test_without_allowed_origins_there_is_no_cors(server):
+    preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{server}/v1/completions", headers=preflight).headers

@@ -16,6 +16,7 @@ from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +28,7 @@ from ..engine.threaded import EngineFailure, ShuttingDown, ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
 from . import responses
+from .access_log import AccessLog
 from .body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, ErrorResponse,
@@ -71,14 +73,22 @@ class Serving:
 
 
 def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_origins: list[str] = (),
+               allowed_methods: list[str] = ("GET", "POST"), allowed_headers: list[str] = ("*",)) -> FastAPI:
+    """allowed_*: CORS for browser UIs (none unless origins are given)."""
     app = FastAPI(title="mistral7b", version=__version__, lifespan=_lifespan)
     app.state.serving = Serving(engine, tokenizer, model_name=model_name, api_key=api_key)
+    # The last one added runs first: the access log sees every answer, CORS ones and 413s too.
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=list(allowed_methods),
+                           allow_headers=list(allowed_headers))
+    app.add_middleware(AccessLog)
     for error, handler in _ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     app.include_router(router)
-    app.include_router(v1)
+    app.include_router(v1, prefix="/v1")
+    app.include_router(v1, include_in_schema=False)  # for clients whose base URL lacks /v1
     return app
 
 
@@ -166,7 +176,7 @@ async def _authorize(http: HTTPRequest, serving: ServingDep) -> None:
 # What the OpenAPI document lists: the statuses these routes really answer with, in one shape.
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 router = APIRouter(responses=_ERRORS)
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)], responses=_ERRORS)
+v1 = APIRouter(dependencies=[Depends(_authorize)], responses=_ERRORS)  # served under /v1, and without it
 
 
 # -- informational routes ----------------------------------------------------------------------
@@ -267,6 +277,7 @@ async def _answer(serving: Serving, requests: list[Request], shaper, body, http:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     streams = await serving.worker.submit(requests)  # before any status line: a full queue is a 503
+    http.state.usage = shaper  # its token counts, for the access log
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(shaper.stream(_merge(streams)), include_usage=include_usage, usage=shaper.usage)

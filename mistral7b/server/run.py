@@ -7,6 +7,7 @@ stream ends with a final event and the process exits 0 instead of waiting on lon
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import uvicorn
@@ -25,8 +26,11 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, *, host: str, port: int, shutdown_timeout: float = 10.0, log_level: str = "warning") -> None:
-    # Past our deadline, requests end within a step; uvicorn's own bound is only a backstop.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    """log_level "info" adds one line per request (mistral7b.access) to the warnings and errors."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Past our deadline, requests end within a step; uvicorn's own bound is only a backstop. Our
+    # access log replaces uvicorn's (it has the tokens and the request id).
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     # After its graceful shutdown uvicorn raises the signal again under the previous handler; with
     # the default one SIGTERM would kill the process (status 143) when it is done and should exit 0.
