@@ -89,7 +89,22 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
     app.include_router(router)
     app.include_router(v1, prefix="/v1")
     app.include_router(v1, include_in_schema=False)  # for clients whose base URL lacks /v1
+    _document_400s(app)
     return app
+
+
+def _document_400s(app: FastAPI) -> None:
+    """FastAPI's OpenAPI document lists a 422 for every route with a body; ours answer 400 then."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for operations in build()["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 @contextlib.asynccontextmanager
