@@ -343,3 +343,49 @@ def test_cors_aliases_request_id_and_access_log():
 def test_without_allowed_origins_there_is_no_cors(server):
     preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(f"{server}/v1/completions", headers=preflight).headers
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_100_clients_hanging_up_leave_nothing_behind():
+    proc, url = start_server("--max-num-seqs", "4", "--max-model-len", "512", "--dtype", "fp32")
+    long = {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 300, "ignore_eos": True}
+
+    def hang_up(streaming: bool) -> None:
+        try:
+            if not streaming:
+                httpx.post(f"{url}/v1/completions", json=long, timeout=3)
+                return
+            with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=3) as response:
+                next(response.iter_lines())  # the first event, then the client goes away
+        except httpx.TimeoutException:
+            pass
+
+    def normal() -> httpx.Response:
+        return post(url, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True})
+
+    try:
+        assert normal().status_code == 200
+        before = rss_bytes(proc.pid)
+        callers = [threading.Thread(target=hang_up, args=(i % 2 == 0,)) for i in range(100)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        idle = lambda: gauges(url)["mistral7b:num_requests_running"] == gauges(url)["mistral7b:num_requests_waiting"] == 0
+        assert wait_for(idle, 30)
+        answers: list[httpx.Response] = []
+        followers = [threading.Thread(target=lambda: answers.append(normal())) for _ in range(16)]
+        for follower in followers:
+            follower.start()
+        for follower in followers:
+            follower.join()
+        assert [a.status_code for a in answers] == [200] * 16
+        assert all(a.json()["choices"][0]["finish_reason"] == "length" for a in answers)
+        assert wait_for(idle, 5)
+        assert rss_bytes(proc.pid) <= 1.05 * before
+    finally:
+        stop_server(proc)
