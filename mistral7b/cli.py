@@ -121,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt + completion in tokens (default: the model's context; windowed models "
                         "are unbounded)")
     p.add_argument("--kv-cache-gb", type=float, default=4.0,
-                   help="KV cache budget in GiB; it bounds how many sequences run at once (default: 4)")
+                   help="KV cache budget in GiB, given to the tokens that exist in blocks of 32 (paged): it "
+                        "bounds the tokens held at once; past it the newest sequence waits (default: 4)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="pre-fill every prompt whole (default: a prompt that starts like an earlier one, e.g. "
+                        "a chat's history or a few-shot preamble, reuses its cached blocks)")
     p.add_argument("--max-tokens-per-step", type=int, default=256,
                    help="token budget of one engine step: long prompts are pre-filled in chunks so running "
                         "streams keep flowing (default: 256)")
@@ -191,8 +195,9 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--model", "-m", metavar="PATH", help="base checkpoint (default: the built-in SmolLM2)")
     _tokenizer_flag(p)
     p.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
-    p.add_argument("--eval-data", metavar="FILE", help="validation JSONL: its loss is logged every --eval-every "
-                                                         "steps and at the end")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out JSONL: its loss is printed and logged before "
+                                                         "training, every --eval-every steps and at the end; "
+                                                         "rising again means over-fitting")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: checkpoints/, metrics.jsonl, "
                                                                 "loss.png and the result")
     mode = p.add_mutually_exclusive_group()
@@ -204,8 +209,12 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3", metavar="NAMES",
                    help="comma-separated layers to adapt, among wq,wk,wv,wo (attention) and w1,w2,w3 (feed-forward) "
                         "(default: all)")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: one epoch)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 for LoRA, 2e-5 full)")
+    p.add_argument("--epochs", type=float, default=3.0, metavar="E",
+                   help="passes over the training data, at least 10 steps (default: 3)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps, instead of --epochs")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: LoRA 1e-3 for runs of up to 100 steps, 2e-4 for longer "
+                        "ones; --full 2e-5)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B", help="rows of --seq-len tokens per micro-batch "
                                                                          "(default: 4)")
     p.add_argument("--seq-len", type=int, default=2048, metavar="L", help="tokens per packed row; longer samples are "
@@ -218,8 +227,8 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default: 1)")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="write a checkpoint every N steps "
                                                                          "(default: only at the end)")
-    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps (default: at the "
-                                                                         "end only)")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="with --eval-data: evaluate every N steps (default: 5 times a run; 0: at the end only)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, LoRA init and dropout (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -422,22 +431,23 @@ def _chat_header(args, model, max_len: int | None) -> str:
 def _run_serve(args) -> None:
     from .defaults import DEFAULT_MODEL_NAME
     from .engine import Engine
-    from .server import create_app, kv_rows
+    from .server import create_app, kv_blocks
     from .server.run import serve
 
     _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
     model, tokenizer = _load(args)
     _check_max_model_len(args.max_model_len, model)
-    max_len = args.max_model_len or model.args.max_seq_len
-    rows = kv_rows(model, max_len, args.kv_cache_gb, args.max_num_seqs)
-    engine = Engine(model, tokenizer, max_num_seqs=rows, max_model_len=args.max_model_len,
+    engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, n_blocks=kv_blocks(model, args.kv_cache_gb),
+                    prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                      allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                      allowed_headers=args.allowed_headers)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({rows} sequences at once, "
+    cache = engine.cache
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.max_num_seqs} sequences at once, "
+          f"{cache.n_blocks * cache.block_size} KV slots, prefix caching {'on' if engine.prefix_caching else 'off'}, "
           f"max length {engine.max_model_len or 'unbounded (sliding window)'})", file=sys.stderr)
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
@@ -511,14 +521,13 @@ def _run_finetune(args) -> None:
                                 targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
         except Mistral7BError as e:
             raise InputError(f"--lora-*: {e}") from None
-    lr = args.lr if args.lr is not None else (2e-5 if args.full else 2e-4)
     out = train(TrainConfig(
-        model=args.model, tokenizer=args.tokenizer, data=args.data, eval_data=args.eval_data, out=args.out, lora=config, steps=args.steps,
-        lr=lr, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, warmup=args.warmup,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, save_every=args.save_every,
-        eval_every=args.eval_every, seed=args.seed, dtype=args.dtype, autocast=args.autocast,
-        activation_checkpointing=args.activation_checkpointing, device=_device(args.device),
-        quantize=args.quantize, parallel=args.parallel, resume=args.resume))
+        model=args.model, tokenizer=args.tokenizer, data=args.data, eval_data=args.eval_data, out=args.out,
+        lora=config, steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        seq_len=args.seq_len, grad_accum=args.grad_accum, warmup=args.warmup, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
+        dtype=args.dtype, autocast=args.autocast, activation_checkpointing=args.activation_checkpointing,
+        device=_device(args.device), quantize=args.quantize, parallel=args.parallel, resume=args.resume))
     what = f"LoRA adapter (use it with --lora {out})" if config else f"checkpoint (use it with --model {out})"
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once
         print(f"wrote {what}", file=sys.stderr)

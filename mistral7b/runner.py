@@ -260,8 +260,8 @@ class Runner:
     def cache_dtype(self) -> torch.dtype:
         return self.model.cache_dtype
 
-    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
-        return self.model.new_cache(max_seqs, max_len)
+    def new_cache(self, max_seqs: int, max_len: int | None = None, **pool) -> KVCache:
+        return self.model.new_cache(max_seqs, max_len, **pool)
 
     def _native_ready(self, ex: ModelExecution, h: torch.Tensor, cache: KVCache | None) -> bool:
         return (self.native and cache is not None and ex.native is not None

@@ -176,3 +176,62 @@ def test_greedy_picks_the_first_maximum_like_torch():
     logits[2, [10, 500]] = 100.0  # a tie: the first index wins, as torch.argmax
     assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist()
     assert greedy(logits)[2] == 10
+
+
+def _greedy_outputs(engine: Engine, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+    """Greedy tokens of each prompt; the first arrives alone, the rest while it is still running."""
+    requests = [Request(list(p), SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in prompts]
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    engine.add_request(requests[0])
+    for step in range(10_000):
+        if step == 8:
+            for r in requests[1:]:
+                engine.add_request(r)
+        if step > 8 and not engine.has_work:
+            break
+        for out in engine.step():
+            tokens[out.request_id] += out.new_tokens
+    return [tokens[r.request_id] for r in requests]
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_prefix_cache_and_preemption_give_the_plain_engines_tokens(window):
+    """Prompts sharing prefixes (one still running when the next arrives), long runs past 3W, and a
+    block budget so small that sequences get preempted: every sequence's greedy tokens equal those
+    of an engine without prefix caching and with room for all; every block comes back."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(sliding_window=window)
+    shared = prompt(70, 7)
+    prompts = [shared + prompt(3 + i, 20 + i) for i in range(6)] + [prompt(9, 40), shared[:40]]
+    max_len = None if window else 128
+    plain = _greedy_outputs(Engine(model, max_num_seqs=8, max_model_len=max_len, prefix_caching=False), prompts, 20)
+    for n_blocks in (None, 8):  # 8 blocks of 32: far less than 8 sequences of ~90 tokens need
+        engine = Engine(model, max_num_seqs=8, max_model_len=max_len, n_blocks=n_blocks,
+                        max_tokens_per_step=64, chunk_size=16)
+        assert _greedy_outputs(engine, prompts, 20) == plain
+        assert engine.prefix_hits_total > 0 and engine.cache.used_blocks == 0
+        # Windowed sequences hold at most ceil(W / BS) + 1 blocks: only full-attention ones outgrow the pool.
+        assert (engine.preemptions_total > 0) == (n_blocks is not None and window is None)
+
+
+def test_second_request_prefills_only_what_is_not_cached(tiny_model):
+    engine = Engine(tiny_model, max_num_seqs=2)
+    history = prompt(100, 3)
+    first = Request(list(history), SamplingParams(max_tokens=2))
+    run(engine, [first])
+    follow_up = Request(history + prompt(5, 4), SamplingParams(max_tokens=2))
+    engine.add_request(follow_up)
+    outs = []
+    while engine.has_work:
+        outs += engine.step()
+    # A windowed model (W = 4) needs only the last blocks before the new tokens: 96 of 100 cached.
+    assert outs[0].cached_tokens == 96 and engine.prefix_hits_total == 96
+    assert engine.prefix_queries_total == 205
+    # Prompt log-probabilities need every position's logits: those requests take no prefix.
+    scored = Request(list(history), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    engine.add_request(scored)
+    outs = []
+    while engine.has_work:
+        outs += engine.step()
+    assert outs[0].cached_tokens == 0 and len(outs[0].prompt_logprobs) == 100

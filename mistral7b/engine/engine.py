@@ -4,8 +4,14 @@ Single-threaded by design: servers drive it from one thread (see `engine/threade
 
 Each `step()` is one packed forward. Running sequences decode one token each first (so streams
 never stall), then waiting prompts are pre-filled in chunks with what is left of the per-step token
-budget. Every sequence owns one row of a shared KV cache (S slots: the sliding window for windowed
-models, so memory per sequence is constant however long it runs); requests wait FIFO for free rows.
+budget. Every sequence holds a row of the paged KV cache (cache.py): blocks taken as it grows and
+given back when it ends (for windowed models, as they leave the window). Requests wait FIFO for a
+row and the blocks their prompt needs; when decoding sequences need more blocks than are free, the
+newest is preempted (its blocks given back) and later re-fed, never failed.
+
+Prefix caching: the full blocks of every sequence are published under the hash of their tokens and
+all before them (engine/prefix.py), so a new prompt that starts like an earlier one (a chat's
+history, a few-shot preamble) starts on those blocks and pre-fills only the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ..cache import KVCache
 from ..errors import InputError, Mistral7BError
 from ..model import Transformer
 from ..runner import Runner
+from .prefix import extend_hashes
 from ..sampling import apply_logit_bias, apply_penalties, greedy, sample
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
@@ -50,7 +57,7 @@ class StepModel(Protocol):
     device: torch.device
     cache_dtype: torch.dtype
 
-    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache: ...
+    def new_cache(self, max_seqs: int, max_len: int | None = None, n_blocks: int | None = None) -> KVCache: ...
 
     def preferred_chunk(self, cache: KVCache, row: int, remaining: int) -> int | None: ...
 
@@ -71,7 +78,8 @@ class QueueFull(Mistral7BError):
 class Engine:
     def __init__(self, model: Transformer | StepModel, tokenizer=None, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_tokens_per_step: int = 256,
-                 chunk_size: int | None = None, max_queue: int = 1024):
+                 chunk_size: int | None = None, max_queue: int = 1024, n_blocks: int | None = None,
+                 prefix_caching: bool = True):
         # The engine runs models through a Runner (routes, fused projections, native weights).
         self.model: StepModel = Runner(model) if isinstance(model, Transformer) else model
         self.tokenizer = tokenizer
@@ -81,16 +89,24 @@ class Engine:
         self.max_model_len = max_model_len or limit
         if self.max_model_len is None and model.args.sliding_window is None:
             raise InputError("the model's context length is unknown: pass max_model_len")
-        self.cache = model.new_cache(max_num_seqs, self.max_model_len)
+        pool = {"n_blocks": n_blocks} if n_blocks else {}
+        self.cache = model.new_cache(max_num_seqs, self.max_model_len, **pool)
+        # A tensor-parallel Leader's ranks allocate blocks by replaying the same forwards: sharing
+        # blocks (an engine-side decision) would put them out of step.
+        self.prefix_caching = prefix_caching and isinstance(self.model, Runner)
         self.max_num_seqs = max_num_seqs
         self.chunk_size = chunk_size or default_chunk_size(model.args, max_tokens_per_step)
         self.max_tokens_per_step = max(max_tokens_per_step, max_num_seqs)
         self.max_queue = max_queue
         self.free_rows = list(range(max_num_seqs))
         self.waiting: deque[Request] = deque()
+        self.preempted: deque[Sequence] = deque()  # lost their blocks; re-admitted before new requests
         self.running: list[Sequence] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.prefix_queries_total = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits_total = 0  # of which found there
+        self.preemptions_total = 0
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> Request:
@@ -117,6 +133,10 @@ class Engine:
             raise InputError("a request that continues a cache row takes n=1")
         start = self.row_length(request.row) if request.row is not None else 0
         needed = start + len(request.prompt) + request.params.max_tokens
+        most = self.cache.n_blocks * self.cache.block_size
+        if min(needed, self.cache.slots + self.chunk_size) > most:
+            raise InputError(f"{needed} tokens need more KV cache than it has ({most} slots): "
+                             f"raise --kv-cache-gb or lower max_tokens")
         if self.max_model_len is not None and needed > self.max_model_len:
             raise InputError(f"this model's maximum context length is {self.max_model_len} tokens, but "
                              f"{start + len(request.prompt)} prompt tokens + {request.params.max_tokens} "
@@ -125,6 +145,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is (the client went away); its rows are freed at once."""
         self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        self.preempted = deque(s for s in self.preempted if s.request.request_id != request_id)
         for seq in self.running:
             if seq.request.request_id == request_id:
                 seq.finish_reason = "abort"
@@ -158,11 +179,11 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.preempted)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len({s.request.request_id for s in self.preempted})
 
     @property
     def num_running(self) -> int:
@@ -170,8 +191,8 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of cache rows in use."""
-        return 1 - len(self.free_rows) / self.max_num_seqs
+        """Fraction of the cache's blocks held by sequences."""
+        return self.cache.used_blocks / self.cache.n_blocks
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -186,45 +207,115 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return []
-        pieces = [s.prompt[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] for s, n in batch]
+        pieces = [s.context[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] for s, n in batch]
         seqlens = [len(p) for p in pieces]
         ends = torch.tensor(seqlens).cumsum(0).tolist()
         # Logits are needed at every position of a chunk whose prompt logprobs were asked for,
         # else only at the last position of each piece.
-        wanted = [torch.arange(e - n, e) if s.prefilling and s.params.prompt_logprobs is not None
+        wanted = [torch.arange(e - n, e) if s.prefilling and not s.tokens and s.params.prompt_logprobs is not None
                   else torch.tensor([e - 1]) for (s, n), e in zip(batch, ends)]
         device = self.model.device
         logits = self.model(torch.tensor(sum(pieces, []), device=device), seqlens, self.cache,
                             rows=[s.row for s, _ in batch], output_rows=torch.cat(wanted).to(device))
+        if self.prefix_caching:
+            self._publish([s for s, _ in batch if s.request.row is None])
         outputs = self._process(batch, logits.split([len(w) for w in wanted]))
         self.running = [s for s in self.running if not s.finished]
         return outputs
 
+    def _publish(self, seqs: list[Sequence]) -> None:
+        """File each sequence's newly filled blocks in the prefix cache."""
+        size = self.cache.block_size
+        for seq in seqs:
+            if self.cache.lengths[seq.row] // size > len(seq.block_hashes):
+                first = len(seq.block_hashes)
+                extend_hashes(seq.block_hashes, seq.context[:self.cache.lengths[seq.row]], size)
+                for b in range(first, len(seq.block_hashes)):
+                    self.cache.publish(seq.row, b, seq.block_hashes[b])
+
     def _admit(self) -> None:
-        """Move waiting requests (FIFO) into the running set while rows are free."""
-        while self.waiting:
+        """Give rows to preempted sequences, then to waiting requests (FIFO), while rows are free and
+        the blocks their context still needs fit what is free."""
+        while self.preempted and self.free_rows:
+            seq = self.preempted[0]
+            if not self._fits(seq.context[:seq.prefill_end]):
+                return
+            self.preempted.popleft()
+            self._start(seq)
+        while self.waiting and not self.preempted:
             request = self.waiting[0]
-            if request.row is None and len(self.free_rows) < request.params.n:
+            if request.row is None and (len(self.free_rows) < request.params.n or not self._fits(request.prompt)):
                 return
             self.waiting.popleft()
             stop_ids = frozenset(request.params.stop_token_ids) | (
                 frozenset() if request.params.ignore_eos or self.tokenizer is None else frozenset(self.tokenizer.stop_ids))
             for i in range(request.params.n):
                 decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
-                seq = Sequence(request, i, decoder, stop_ids)
-                seq.row = request.row if request.row is not None else self.free_rows.pop(0)
-                self.running.append(seq)
+                self._start(Sequence(request, i, decoder, stop_ids))
             self.prompt_tokens_total += len(request.prompt)
 
+    def _fits(self, tokens: list[int]) -> bool:
+        """Whether the free blocks hold a new sequence's first chunk of these tokens (an empty pool
+        always does: `validate` refuses what could never fit)."""
+        first_chunk = min(len(tokens), self.chunk_size, self.cache.slots)
+        return self.cache.free_blocks >= -(-first_chunk // self.cache.block_size)
+
+    def _start(self, seq: Sequence) -> None:
+        """Give a sequence its row, starting on the longest cached prefix of its context."""
+        if seq.request.row is not None:
+            seq.row = seq.request.row
+            self.running.append(seq)
+            return
+        seq.row = self.free_rows.pop(0)
+        seq.prefilled, seq.block_hashes = 0, []
+        # Prompt log-probabilities need the logits of every prompt position: no prefix for those.
+        if self.prefix_caching and (seq.params.prompt_logprobs is None or seq.tokens):
+            # Leave at least one token to feed: its logits give the next token.
+            hashes = extend_hashes([], seq.context[:seq.prefill_end - 1], self.cache.block_size)
+            first, blocks = self.cache.lookup(hashes)
+            if blocks:
+                seq.prefilled = self.cache.attach(seq.row, first, blocks)
+                seq.block_hashes = hashes[:first + len(blocks)]
+            if not seq.tokens:  # a first admission, not a preempted one coming back
+                seq.cached_tokens = seq.prefilled
+                self.prefix_queries_total += len(seq.prompt)
+                self.prefix_hits_total += seq.prefilled
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's row and blocks (its published blocks stay cached): it comes back
+        when blocks are free and re-feeds its context."""
+        self.release_row(seq.row)
+        seq.row = None
+        self.running.remove(seq)
+        self.preempted.appendleft(seq)
+        self.preemptions_total += 1
+
     def _schedule(self) -> list[tuple[Sequence, int]]:
-        """Decodes first (one token each), then prompt chunks within the step's token budget."""
-        batch = [(s, 1) for s in self.running if not s.prefilling]
+        """Decodes first (one token each), then prompt chunks within the step's token budget and the
+        free blocks. When the decodes alone need more blocks than are free, the newest sequences are
+        preempted until they fit."""
+        cache = self.cache
+        while True:
+            decoding = [s for s in self.running if not s.prefilling]
+            if sum(cache.blocks_needed(s.row, 1) for s in decoding) <= cache.free_blocks:
+                break
+            victim = next((s for s in reversed(self.running) if s.request.row is None), None)
+            if victim is None:  # only reserved rows: the forward's CacheFull says so
+                break
+            self._preempt(victim)
+        batch = [(s, 1) for s in decoding]
         budget = self.max_tokens_per_step - len(batch)
+        free = cache.free_blocks - sum(cache.blocks_needed(s.row, 1) for s in decoding)
         for seq in self.running:
             if seq.prefilling and budget > 0:
-                n = min(self.chunk_size, len(seq.prompt) - seq.prefilled, budget)
+                held_end = (cache.first[seq.row] + cache.held_blocks(seq.row) + free) * cache.block_size
+                n = min(self.chunk_size, seq.prefill_end - seq.prefilled, budget, held_end - cache.lengths[seq.row])
+                if n <= 0:
+                    continue
                 batch.append((seq, n))
                 budget -= n
+                free -= cache.blocks_needed(seq.row, n)
         if len(batch) == 1 and batch[0][0].prefilling:  # a lone prompt: the runner may cut it finer
             seq, n = batch[0]
             batch = [(seq, self.model.preferred_chunk(self.cache, seq.row, n) or n)]
@@ -234,14 +325,15 @@ class Engine:
         outputs: list[SequenceOutput] = []
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
         for (seq, n), rows in zip(batch, logits):
-            if not seq.prefilling:
+            if not seq.prefilling:  # a decode step fed the newest token
+                seq.prefilled += 1
                 to_sample.append((seq, rows[-1]))
                 continue
-            if seq.params.prompt_logprobs is not None:
+            if seq.params.prompt_logprobs is not None and not seq.tokens:
                 targets = seq.prompt[seq.prefilled + 1:seq.prefilled + n + 1]
                 seq.prompt_logprobs += _logprobs(rows, targets, [seq.params.prompt_logprobs] * len(targets))
             seq.prefilled += n
-            if seq.prefilling:
+            if seq.prefilling or seq.tokens:  # more to feed, or a preempted context re-fed: decode next
                 continue
             if seq.params.max_tokens == 0:
                 seq.finish_reason = "length"
@@ -319,7 +411,7 @@ class Engine:
             request_id=seq.request.request_id, index=seq.index, new_tokens=tokens, new_text=text,
             new_logprobs=logprobs, finish_reason=seq.finish_reason,
             prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
-            arrival=seq.request.arrival)
+            arrival=seq.request.arrival, cached_tokens=seq.cached_tokens)
 
 
 def _draw(seq: Sequence, logits: torch.Tensor) -> int:

@@ -37,14 +37,21 @@ class Request:
 
 
 class Sequence:
-    """One of a request's `n` completions: its cache row, progress and output so far."""
+    """One of a request's `n` completions: its cache row, progress and output so far.
+
+    Its context is the prompt and the tokens generated so far; `prefilled` of them are in its cache
+    row. Before the first token the whole prompt is fed (the last chunk's logits give that token);
+    after it, everything but the newest token (which the next decode step feeds). A sequence that
+    lost its row (preempted for blocks) thus re-feeds its context when it gets one back."""
 
     def __init__(self, request: Request, index: int, decoder, stop_ids: frozenset[int]):
         self.request, self.index = request, index
         self.params = request.params
         self.row: int | None = None
-        self.prefilled = 0  # prompt tokens already fed
+        self.prefilled = 0  # context tokens whose keys and values the cache row holds
         self.tokens: list[int] = []  # generated ids; the last one is not yet fed
+        self.block_hashes: list[int] = []  # of the context's full blocks published so far (engine/prefix.py)
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.prompt_logprobs: list[TokenLogprob | None] = [None]  # the first prompt token has none
         self.text = ""
         self.finish_reason: str | None = None
@@ -60,8 +67,17 @@ class Sequence:
         return self.request.prompt
 
     @property
+    def context(self) -> list[int]:
+        return self.request.prompt + self.tokens if self.tokens else self.request.prompt
+
+    @property
+    def prefill_end(self) -> int:
+        """How far the context is fed before decoding (see the class docstring)."""
+        return len(self.prompt) + len(self.tokens) - 1 if self.tokens else len(self.prompt)
+
+    @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt)
+        return self.prefilled < self.prefill_end
 
     @property
     def finished(self) -> bool:
@@ -81,3 +97,4 @@ class SequenceOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is done (if asked)
     arrival: float = 0.0  # the request's time.monotonic() on arrival (for latency metrics)
     error: str | None = None  # why the sequence failed (finish_reason "error")
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (on the first output)

@@ -7,7 +7,7 @@ gloo group of their own (CPU, with no timeout worth the name: an idle server sen
 hours), as an int64 header [kind, 7 fields] and, for some kinds, an int64 payload. The model's
 own collectives use the default group (gloo or NCCL).
 
-KV caches: every rank's cache must hold the same positions. A forward carries the lengths of its
+KV caches: every rank's cache must hold the same positions. A forward carries the lengths of all
 rows on rank 0; between forwards a row can only shrink (`reset`, `truncate`, which forget the
 positions >= the new length), so a follower whose row is longer replays that shrink first. That
 keeps rank 0's callers (engine, chat) free to manage their cache as they do without TP.
@@ -191,13 +191,13 @@ class Leader:
     def preferred_chunk(self, cache: KVCache, row: int, remaining: int) -> int | None:
         return self.runner.preferred_chunk(cache, row, remaining)
 
-    def new_cache(self, max_seqs: int, max_len: int | None = None) -> KVCache:
-        cache = self.model.new_cache(max_seqs, max_len)
+    def new_cache(self, max_seqs: int, max_len: int | None = None, n_blocks: int | None = None) -> KVCache:
+        cache = self.model.new_cache(max_seqs, max_len, n_blocks=n_blocks)
         with self._channel.lock:
             ident = next(self._next_id)
             alive = list(self._cache_ids.values())  # followers drop their caches that are not
             self._channel.send(_CACHE, ident, max_seqs, -1 if max_len is None else max_len, len(alive),
-                               payload=torch.tensor(alive, dtype=torch.long))
+                               n_blocks or -1, payload=torch.tensor(alive, dtype=torch.long))
             self._cache_ids[cache] = ident
         return cache
 
@@ -208,7 +208,9 @@ class Leader:
         if cache is not None and cache not in self._cache_ids:
             raise ValueError("a tensor-parallel model runs only caches made by its new_cache()")
         batch_rows = list(range(len(seqlens))) if rows is None else list(rows)
-        lengths = [cache.lengths[r] for r in batch_rows] if cache is not None else [0] * len(batch_rows)
+        # Every row's length, not only the batch's: a row rank 0 let go of (a finished or preempted
+        # sequence) must give its blocks back on every rank, or their pools would drift apart.
+        lengths = list(cache.lengths) if cache is not None else []
         outputs = output_rows.reshape(-1).cpu() if output_rows is not None else torch.empty(0, dtype=torch.long)
         payload = torch.cat([torch.tensor([*seqlens, *batch_rows, *lengths], dtype=torch.long), input_ids.cpu(), outputs])
         with self._channel.lock:
@@ -236,10 +238,11 @@ def follow(load_model: Callable[[], Transformer]) -> None:
                 traceback.print_exception(error)  # a bug: rank 0 reports it in one line, the trace is here
             _channel.gather_errors(error and _describe(error))
         elif kind == _CACHE:
-            ident, max_seqs, max_len, n_alive = fields[:4]
+            ident, max_seqs, max_len, n_alive, n_blocks = fields[:5]
             alive = set(_channel.receive(n_alive).tolist())
             caches = {i: c for i, c in caches.items() if i in alive}
-            caches[ident] = model.new_cache(max_seqs, None if max_len < 0 else max_len)
+            caches[ident] = model.new_cache(max_seqs, None if max_len < 0 else max_len,
+                                            n_blocks=None if n_blocks < 0 else n_blocks)
         elif kind == _FORWARD:
             _forward(model, caches, *fields[:4])
 
@@ -247,12 +250,13 @@ def follow(load_model: Callable[[], Transformer]) -> None:
 @torch.inference_mode()
 def _forward(model: Runner, caches: dict[int, KVCache], cache_id: int, batch: int, tokens: int,
              n_outputs: int) -> None:
-    payload = _channel.receive(3 * batch + tokens + max(n_outputs, 0))
-    seqlens, rows, lengths, ids, outputs = payload.split([batch, batch, batch, tokens, max(n_outputs, 0)])
     cache = caches[cache_id] if cache_id >= 0 else None
+    n_rows = cache.max_seqs if cache is not None else 0
+    payload = _channel.receive(2 * batch + n_rows + tokens + max(n_outputs, 0))
+    seqlens, rows, lengths, ids, outputs = payload.split([batch, batch, n_rows, tokens, max(n_outputs, 0)])
     rows = rows.tolist()
     if cache is not None:
-        _replay_shrinks(cache, rows, lengths.tolist())
+        _replay_shrinks(cache, range(n_rows), lengths.tolist())
     try:
         model(ids.to(model.device), seqlens.tolist(), cache, rows=rows,
               output_rows=outputs.to(model.device) if n_outputs >= 0 else None)
@@ -260,7 +264,7 @@ def _forward(model: Runner, caches: dict[int, KVCache], cache_id: int, batch: in
         pass  # a bad call: rank 0 raised the same error, before any collective
 
 
-def _replay_shrinks(cache: KVCache, rows: list[int], lengths: list[int]) -> None:
+def _replay_shrinks(cache: KVCache, rows, lengths: list[int]) -> None:
     """Make the rows as long as on rank 0, which may have reset or truncated them since the last forward."""
     for row, length in zip(rows, lengths):
         if cache.lengths[row] == length:

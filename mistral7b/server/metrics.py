@@ -15,7 +15,13 @@ class Metrics:
         r = self.registry
         self.running = Gauge("mistral7b:num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("mistral7b:num_requests_waiting", "Requests waiting for a cache row.", registry=r)
-        self.kv_usage = Gauge("mistral7b:kv_cache_usage_perc", "Fraction of KV cache rows in use (0-1).", registry=r)
+        self.kv_usage = Gauge("mistral7b:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", registry=r)
+        self.prefix_queries = Counter("mistral7b:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      registry=r)
+        self.prefix_hits = Counter("mistral7b:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   registry=r)
+        self.preemptions = Counter("mistral7b:num_preemptions", "Sequences preempted for KV cache blocks.",
+                                   registry=r)
         self.prompt_tokens = Counter("mistral7b:prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.generation_tokens = Counter("mistral7b:generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("mistral7b:request_success", "Finished requests by finish reason.",
@@ -24,17 +30,20 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("mistral7b:inter_token_latency_seconds", "Time between a sequence's tokens.",
                              buckets=_LATENCY_BUCKETS, registry=r)
-        self._counted = (0, 0)  # engine totals already added to the counters
+        self._counted = {}  # counter -> the engine total already added to it
 
     def on_step(self, engine: Engine) -> None:
         """Called by the engine thread after every step."""
         self.running.set(engine.num_running)
         self.waiting.set(engine.num_waiting)
         self.kv_usage.set(engine.kv_usage)
-        prompt, generated = engine.prompt_tokens_total, engine.generation_tokens_total
-        self.prompt_tokens.inc(prompt - self._counted[0])
-        self.generation_tokens.inc(generated - self._counted[1])
-        self._counted = (prompt, generated)
+        for counter, total in ((self.prompt_tokens, engine.prompt_tokens_total),
+                               (self.generation_tokens, engine.generation_tokens_total),
+                               (self.prefix_queries, engine.prefix_queries_total),
+                               (self.prefix_hits, engine.prefix_hits_total),
+                               (self.preemptions, engine.preemptions_total)):
+            counter.inc(total - self._counted.get(counter, 0))
+            self._counted[counter] = total
 
     def on_token(self, kind: str, seconds: float) -> None:
         (self.ttft if kind == "ttft" else self.itl).observe(seconds)

@@ -26,6 +26,7 @@ class _Shaper:
         self.n = body.n
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self._cached: dict[int, int] = {}  # prompt index -> its tokens found in the prefix cache
         self._names = {v: k for k, v in tokenizer.special_tokens.items()}
         self.stop_ids = set(body.stop_token_ids or ()) | (set() if body.ignore_eos else set(tokenizer.stop_ids))
 
@@ -38,9 +39,16 @@ class _Shaper:
             return entries[:-1]
         return entries
 
+    def count(self, prompt: int, out: SequenceOutput) -> None:
+        """Usage accounting of one output of the prompt-th prompt."""
+        self.completion_tokens += len(out.new_tokens)
+        if out.index == 0:  # the n choices of a prompt share it: counted once
+            self._cached[prompt] = max(self._cached.get(prompt, 0), out.cached_tokens)
+
     def usage(self) -> dict:
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": sum(self._cached.values())}}
         return {**self._head("chunk"), "choices": [], "usage": usage}
 
     def _head(self, kind: str = "") -> dict:
@@ -101,8 +109,9 @@ class Completions(_Shaper):
         choices = []
         for p, outputs in enumerate(results):
             prompt_text = self.tokenizer.decode(self.prompts[p]) if self.echo else ""
+            for out in outputs:
+                self.count(p, out)
             for j, c in sorted(_group(outputs).items()):
-                self.completion_tokens += len(c["tokens"])
                 logprobs = None
                 if self.k is not None:
                     logprobs = self._choice_logprobs(self.prompts[p], c["prompt"], self.visible(c["logprobs"], c["finish"]),
@@ -117,7 +126,7 @@ class Completions(_Shaper):
             index = p * self.n + out.index
             first = index not in started
             started.add(index)
-            self.completion_tokens += len(out.new_tokens)
+            self.count(p, out)
             text = (self.tokenizer.decode(self.prompts[p]) if self.echo and first else "") + out.new_text
             logprobs = None
             if self.k is not None:
@@ -147,9 +156,10 @@ class ChatCompletions(_Shaper):
 
     def response(self, results: list[list[SequenceOutput]]) -> dict:
         [outputs] = results  # one request: the conversation
+        for out in outputs:
+            self.count(0, out)
         choices = []
         for j, c in sorted(_group(outputs).items()):
-            self.completion_tokens += len(c["tokens"])
             logprobs = self._logprobs(self.visible(c["logprobs"], c["finish"])) if self.k is not None else None
             choices.append({"index": j, "message": {"role": "assistant", "content": c["text"]},
                             "logprobs": logprobs, "finish_reason": c["finish"]})
@@ -163,7 +173,7 @@ class ChatCompletions(_Shaper):
                 started.add(out.index)
                 yield {**head, "choices": [{"index": out.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]}
-            self.completion_tokens += len(out.new_tokens)
+            self.count(0, out)
             entries = self.visible(out.new_logprobs, out.finish_reason)
             if out.new_text or (self.k is not None and entries):
                 yield {**head, "choices": [{"index": out.index, "delta": {"content": out.new_text},
