@@ -133,6 +133,27 @@ def test_chat_logprobs(client):
         assert item.top_logprobs[0].logprob >= item.logprob - 1e-6  # greedy picks the most likely
 
 
+def test_a_conversation_resent_whole_reuses_its_cached_prefix(server, client, local):
+    """A stateless client resends the conversation: the second request pre-fills only what is new
+    (usage.prompt_tokens_details.cached_tokens, /metrics), and answers exactly as without the cache."""
+    before = metrics(server)
+    history = [{"role": "user", "content": "List ten animals that live in the sea, with one fact each. " * 4}]
+    first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And five birds?"}]
+    second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 32 == 0 and cached < second.usage.prompt_tokens  # whole blocks of the first
+    after = metrics(server)
+    assert after["mistral7b:prefix_cache_hits_total"] - before.get("mistral7b:prefix_cache_hits_total", 0) == cached
+    assert after["mistral7b:prefix_cache_queries_total"] - before.get("mistral7b:prefix_cache_queries_total", 0) == (
+        first.usage.prompt_tokens + second.usage.prompt_tokens)
+    model, tok = local
+    expected, _ = mistral7b.generate([tok.encode_chat(history)], model, max_tokens=8)
+    assert second.choices[0].message.content == tok.decode([t for t in expected[0] if t not in tok.stop_ids])
+
+
 def test_errors(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=5, temperature=-1)
