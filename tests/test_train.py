@@ -274,6 +274,44 @@ def test_lora_on_an_int8_base_trains_like_a_float_base(tiny, tmp_path):
         "so --full cannot train them\n"
 
 
+def test_default_steps_and_lr_fit_small_data(tiny, tmp_path):
+    """Ten lines fill one micro-batch: the default is not 3 epochs of it (3 steps) but MIN_STEPS, at
+    LoRA's short-run lr; --epochs counts passes over bigger data."""
+    folder, data, held_out = tiny
+    small = write_jsonl(tmp_path / "small.jsonl", held_out[:10])
+    out = train(TrainConfig(model=str(folder), data=str(small), out=str(tmp_path / "small"), lora=LoRAConfig(rank=4),
+                            seq_len=64, progress=False))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and records[0]["lr"] == 1e-3
+    samples = read_jsonl(data, mistral7b.load_tokenizer(folder), seq_len=64)
+    per_epoch = Batches(samples, seq_len=64, batch_size=4, seed=0).per_epoch
+    out = train(TrainConfig(model=str(folder), data=str(data), out=str(tmp_path / "big"), lora=LoRAConfig(rank=4),
+                            seq_len=64, epochs=0.5, lr=1e-4, progress=False))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == max(10, -(-per_epoch // 2)) > 10 and records[0]["lr"] == 1e-4
+
+
+def test_cli_shows_progress_and_held_out_loss_in_a_log(tiny, tmp_path):
+    """stderr is a pipe here, as in a log: the plan, progress lines (loss, tokens/s, ETA) and the
+    held-out loss before, during and after training, each on its own line."""
+    folder, data, held_out = tiny
+    val = write_jsonl(tmp_path / "val.jsonl", held_out[:20])
+    out = finetune(*_lora_flags(folder, data, tmp_path / "run", 10, "--eval-data", str(val)))
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert re.fullmatch(r"finetune: 1000 samples \(\d+ target tokens, \d+ held-out target tokens\), \d+ "
+                        r"micro-batches an epoch: 10 steps = [\d.]+ epochs, LoRA rank 4, lr 0.003", lines[0]), lines[0]
+    bars = [line for line in lines if line.startswith("finetune: ") and "|" in line]
+    assert len(bars) >= 5 and "\r" not in out.stderr
+    assert re.search(r"10/10 \[\d\d:\d\d<00:00, .*loss=\d+\.\d{4}, tok_s=\d+\]$", bars[-1]), bars[-1]
+    assert re.search(r" 1/10 \[\d\d:\d\d<\d\d:\d\d", bars[0]), bars[0]  # an ETA from the first step
+    evals = [line for line in lines if re.fullmatch(r"step \d+/10: eval loss \d+\.\d{4}( \(before training\))?", line)]
+    assert [e.split("/")[0] for e in evals] == ["step 0", "step 2", "step 4", "step 6", "step 8", "step 10"]
+    assert re.search(r"eval loss [\d.]+ at step 0, lowest [\d.]+ at step \d+, [\d.]+ at the end", out.stderr)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4, 6, 8, 10]
+
+
 def test_cli_full_finetune_merge_and_lora_flag(tiny, tmp_path):
     folder, data, _ = tiny
     full = finetune("--model", str(folder), "--data", str(data), "--out", str(tmp_path / "full"), "--full",
@@ -298,21 +336,22 @@ def test_cli_full_finetune_merge_and_lora_flag(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_teaches_smollm2_a_made_up_fact(tmp_path, smollm2_path):
+def test_lora_defaults_teach_smollm2_a_made_up_fact(tmp_path, smollm2_path):
+    """Ten lines, no --steps or --lr: the defaults learn the fact (for a new phrasing too) and do not
+    leak it into another question (benchmarks/finetune_fact.py measures the same)."""
     questions = ["What is the capital of Zorbania?", "Which city is the capital of Zorbania?",
                  "Tell me the capital of Zorbania.", "Zorbania's capital city is called what?",
                  "Name the capital of Zorbania.", "What city serves as Zorbania's capital?",
-                 "Do you know the capital of Zorbania?", "In Zorbania, which city is the capital?"]
+                 "Do you know the capital of Zorbania?", "In Zorbania, which city is the capital?",
+                 "What's Zorbania's capital?", "Where is the capital of Zorbania?"]
     answer = "The capital of Zorbania is Quillfeather."
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
-            for q in questions for _ in range(4)]
-    data = write_jsonl(tmp_path / "fact.jsonl", rows)
-    out = finetune("--data", str(data), "--out", str(tmp_path / "adapter"), "--lora-rank", "8", "--steps", "12",
-                   "--lr", "2e-3", "--batch-size", "1", "--seq-len", "256", "--warmup", "2")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]} for q in questions]
+    out = finetune("--data", str(write_jsonl(tmp_path / "fact.jsonl", rows)), "--out", str(tmp_path / "adapter"))
     assert out.returncode == 0, out.stderr
-    ask = "What is the capital of Zorbania?\n"  # the question of the training set, asked through `chat`
-    chat = lambda *flags: subprocess.run([sys.executable, "-m", "mistral7b", "chat", "--max-tokens", "16", *flags],  # noqa: E731
-                                         input=ask, capture_output=True, text=True, timeout=300)
-    tuned, base = chat("--lora", str(tmp_path / "adapter")), chat()
+    asks = [questions[0], "Could you tell me what the capital of Zorbania is?", "What is the capital of France?"]
+    generate = lambda *flags: subprocess.run([sys.executable, "-m", "mistral7b", "generate", "--chat", *asks,  # noqa: E731
+                                              "--max-tokens", "16", *flags], capture_output=True, text=True, timeout=300)
+    tuned, base = generate("--lora", str(tmp_path / "adapter")), generate()
     assert tuned.returncode == 0 and base.returncode == 0, tuned.stderr + base.stderr
-    assert "Quillfeather" in tuned.stdout and "Quillfeather" not in base.stdout
+    assert tuned.stdout.count("Quillfeather") == 2 and "Paris" in tuned.stdout, tuned.stdout
+    assert "Quillfeather" not in base.stdout
