@@ -235,3 +235,19 @@ def test_second_request_prefills_only_what_is_not_cached(tiny_model):
     while engine.has_work:
         outs += engine.step()
     assert outs[0].cached_tokens == 0 and len(outs[0].prompt_logprobs) == 100
+
+
+def test_prompts_that_outgrow_the_pool_together_still_finish():
+    """Eight long prompts admitted at once into a pool that holds two of them: pre-fills that run out
+    of blocks give way (preemption) instead of waiting on each other forever."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(sliding_window=None)
+    prompts = [prompt(90, 60 + i) for i in range(8)]
+    requests = [Request(list(p), SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
+    # A step budget for all eight first chunks: the pool fills with first chunks, then no pre-fill can grow.
+    engine = Engine(model, max_num_seqs=8, max_model_len=128, n_blocks=7, max_tokens_per_step=256, chunk_size=32)
+    out = run(engine, requests)
+    plain = Engine(model, max_num_seqs=8, max_model_len=128, prefix_caching=False)
+    assert [out[r.request_id] for r in requests] == _greedy_outputs(plain, prompts, 4)
+    assert engine.preemptions_total > 0 and engine.cache.used_blocks == 0

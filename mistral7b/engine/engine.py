@@ -276,7 +276,7 @@ class Engine:
             if blocks:
                 seq.prefilled = self.cache.attach(seq.row, first, blocks)
                 seq.block_hashes = hashes[:first + len(blocks)]
-            if not seq.tokens:  # a first admission, not a preempted one coming back
+            if not seq.preempted:  # a first admission, not a preempted one coming back
                 seq.cached_tokens = seq.prefilled
                 self.prefix_queries_total += len(seq.prompt)
                 self.prefix_hits_total += seq.prefilled
@@ -286,7 +286,7 @@ class Engine:
         """Take a running sequence's row and blocks (its published blocks stay cached): it comes back
         when blocks are free and re-feeds its context."""
         self.release_row(seq.row)
-        seq.row = None
+        seq.row, seq.preempted = None, True
         self.running.remove(seq)
         self.preempted.appendleft(seq)
         self.preemptions_total += 1
@@ -316,6 +316,10 @@ class Engine:
                 batch.append((seq, n))
                 budget -= n
                 free -= cache.blocks_needed(seq.row, n)
+        victim = next((s for s in reversed(self.running) if s.request.row is None), None)
+        if not batch and len(self.running) > 1 and victim:  # all pre-filling, no block left to grow into
+            self._preempt(victim)
+            return self._schedule()
         if len(batch) == 1 and batch[0][0].prefilling:  # a lone prompt: the runner may cut it finer
             seq, n = batch[0]
             batch = [(seq, self.model.preferred_chunk(self.cache, seq.row, n) or n)]

@@ -52,6 +52,7 @@ class Sequence:
         self.tokens: list[int] = []  # generated ids; the last one is not yet fed
         self.block_hashes: list[int] = []  # of the context's full blocks published so far (engine/prefix.py)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.preempted = False  # lost its row once for blocks (and got or will get it back)
         self.prompt_logprobs: list[TokenLogprob | None] = [None]  # the first prompt token has none
         self.text = ""
         self.finish_reason: str | None = None
