@@ -240,6 +240,8 @@ class Runner:
     """Runs a `Transformer` for the engine (inference): `runner(input_ids, seqlens, cache, rows=,
     output_rows=)` gives the model's logits, by the fastest route that computes them."""
 
+    shares_blocks = True  # the engine may start sequences on cached blocks of this runner's caches
+
     def __init__(self, model: Transformer, *, native: bool = True):
         self.model, self.native = model, native
 

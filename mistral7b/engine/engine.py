@@ -56,6 +56,7 @@ class StepModel(Protocol):
     args: ModelArgs
     device: torch.device
     cache_dtype: torch.dtype
+    shares_blocks: bool  # whether sequences may start on cached blocks (prefix caching)
 
     def new_cache(self, max_seqs: int, max_len: int | None = None, n_blocks: int | None = None) -> KVCache: ...
 
@@ -91,9 +92,7 @@ class Engine:
             raise InputError("the model's context length is unknown: pass max_model_len")
         pool = {"n_blocks": n_blocks} if n_blocks else {}
         self.cache = model.new_cache(max_num_seqs, self.max_model_len, **pool)
-        # A tensor-parallel Leader's ranks allocate blocks by replaying the same forwards: sharing
-        # blocks (an engine-side decision) would put them out of step.
-        self.prefix_caching = prefix_caching and isinstance(self.model, Runner)
+        self.prefix_caching = prefix_caching and self.model.shares_blocks
         self.max_num_seqs = max_num_seqs
         self.chunk_size = chunk_size or default_chunk_size(model.args, max_tokens_per_step)
         self.max_tokens_per_step = max(max_tokens_per_step, max_num_seqs)

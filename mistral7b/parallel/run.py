@@ -160,36 +160,20 @@ def load_everywhere(load_model: Callable[[], Transformer]) -> Transformer:
     return Leader(model, _channel)
 
 
-class Leader:
-    """Rank 0's model: the local shard, whose calls are first sent to the other ranks. Engine,
-    chat and server use it as they use a `Runner` (engine.StepModel: args, device, dtype, cache_dtype,
-    new_cache, preferred_chunk, forward); logits
-    are whole on rank 0."""
+class Leader(Runner):
+    """Rank 0's model: the Runner of the local shard, whose calls are first sent to the other ranks
+    (each runs its shard through a Runner too, see follow). Engine, chat and server use it as any
+    Runner (engine.StepModel); logits are whole on rank 0."""
+
+    # The other ranks' caches take blocks by replaying rank 0's forwards: blocks shared by an engine's
+    # decision (prefix caching) would put them out of step.
+    shares_blocks = False
 
     def __init__(self, model: Transformer, channel: _Channel):
-        self.model, self._channel = model, channel
-        self.runner = Runner(model)  # every rank runs its shard through a Runner (see follow)
+        super().__init__(model)
+        self._channel = channel
         self._cache_ids: weakref.WeakKeyDictionary[KVCache, int] = weakref.WeakKeyDictionary()
         self._next_id = itertools.count()
-
-    @property
-    def args(self):
-        return self.model.args
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        return self.model.cache_dtype
-
-    def preferred_chunk(self, cache: KVCache, row: int, remaining: int) -> int | None:
-        return self.runner.preferred_chunk(cache, row, remaining)
 
     def new_cache(self, max_seqs: int, max_len: int | None = None, n_blocks: int | None = None) -> KVCache:
         cache = self.model.new_cache(max_seqs, max_len, n_blocks=n_blocks)
@@ -216,7 +200,7 @@ class Leader:
         with self._channel.lock:
             self._channel.send(_FORWARD, self._cache_ids[cache] if cache is not None else -1, len(seqlens),
                                input_ids.numel(), -1 if output_rows is None else outputs.numel(), payload=payload)
-            return self.runner(input_ids, seqlens, cache, rows=rows, output_rows=output_rows)
+            return super().__call__(input_ids, seqlens, cache, rows=rows, output_rows=output_rows)
 
 
 def follow(load_model: Callable[[], Transformer]) -> None:
