@@ -3,6 +3,7 @@ overload, shutdown. A real `mistral7b serve` on 127.0.0.1, the official `openai`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -389,3 +390,26 @@ def test_100_clients_hanging_up_leave_nothing_behind():
         assert rss_bytes(proc.pid) <= 1.05 * before
     finally:
         stop_server(proc)
+
+
+def test_streams_never_read_release_their_requests(tiny_model):
+    """As when a client goes away between the status line and the body: the streams were never read."""
+    from mistral7b.engine import Request
+    from mistral7b.engine.threaded import ThreadedEngine
+    from mistral7b.sampling import SamplingParams
+
+    async def scenario() -> bool:
+        worker = ThreadedEngine(Engine(tiny_model, max_num_seqs=2))
+        try:
+            request = Request([1, 2, 3], SamplingParams(max_tokens=10**6, ignore_eos=True))
+            await worker.submit([request])
+            worker.release([request])
+            for _ in range(100):
+                if not worker.engine.has_work:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            worker.shutdown()
+
+    assert asyncio.run(scenario())

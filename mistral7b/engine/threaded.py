@@ -92,6 +92,13 @@ class ThreadedEngine:
             raise
         return [self._outputs(request, listener) for request, listener in zip(requests, listeners)]
 
+    def release(self, requests: list[Request]) -> None:
+        """Abort whichever of these requests still runs. For a caller whose streams may never have
+        been read: a stream never started has no `finally` to abort its request."""
+        for request in requests:
+            if request.request_id in self._listeners:
+                self._abandon(request.request_id)
+
     def _hand_over(self, request: Request) -> _Listener:
         loop = asyncio.get_running_loop()
         listener = _Listener(loop, asyncio.Queue(), loop.create_future())

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
 from http import HTTPStatus
-from typing import Annotated, AsyncIterator
+from typing import Annotated, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -293,10 +294,14 @@ async def _answer(serving: Serving, requests: list[Request], shaper, body, http:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     streams = await serving.worker.submit(requests)  # before any status line: a full queue is a 503
     http.state.usage = shaper  # its token counts, for the access log
+    release = functools.partial(serving.worker.release, requests)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(shaper.stream(_merge(streams)), include_usage=include_usage, usage=shaper.usage)
-    return shaper.response(await _collect(streams, http))
+        return _sse(shaper.stream(_merge(streams)), include_usage=include_usage, usage=shaper.usage, release=release)
+    try:
+        return shaper.response(await _collect(streams, http))
+    finally:
+        release()
 
 
 async def _collect(streams: list[AsyncIterator[SequenceOutput]], http: HTTPRequest) -> list[list[SequenceOutput]]:
@@ -385,7 +390,22 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
             t.cancel()
 
 
-def _sse(chunks: AsyncIterator[dict], *, include_usage: bool, usage) -> StreamingResponse:
+class _EventStream(StreamingResponse):
+    """An SSE response that, however it ends, lets go of its requests: a client gone before the body
+    started leaves streams that were never read."""
+
+    def __init__(self, body: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(body, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+def _sse(chunks: AsyncIterator[dict], *, include_usage: bool, usage, release: Callable[[], None]) -> StreamingResponse:
     async def body():
         try:
             async for chunk in chunks:
@@ -400,4 +420,4 @@ def _sse(chunks: AsyncIterator[dict], *, include_usage: bool, usage) -> Streamin
             yield f"data: {json.dumps(_error_body(status, message, _error_type(status)))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return _EventStream(body(), release)
