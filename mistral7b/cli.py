@@ -367,10 +367,7 @@ def _run_chat(args) -> None:
 
     params = _params(args)
     model, tokenizer = _load(args)
-    if args.device == "cpu":  # compile the native kernels (once, saying so) before the prompt, not in an answer
-        from .kernels import native_available
-
-        native_available()
+    _build_kernels(args.device)  # before the prompt, not in an answer
     session = ChatSession(model, tokenizer, params, system=args.system, max_len=args.max_len,
                           chunk_size=args.chunk_size)
     interactive = sys.stdin.isatty()
@@ -413,6 +410,14 @@ def _run_chat(args) -> None:
     session.close()
 
 
+def _build_kernels(device: str) -> None:
+    """Compile the native CPU kernels now (once per build, saying so) rather than in a first answer."""
+    if device == "cpu":
+        from .kernels import native_available
+
+        native_available()
+
+
 def _chat_header(args, model, max_len: int | None) -> str:
     """Which model, in which weights, with how much context: "Chatting with X (int4, fp32 activations, ...)"."""
     from .defaults import DEFAULT_MODEL_NAME
@@ -437,6 +442,7 @@ def _run_serve(args) -> None:
     _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
     model, tokenizer = _load(args)
     _check_max_model_len(args.max_model_len, model)
+    _build_kernels(args.device)  # before /health answers, not in the first request
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
                     max_queue=args.max_queue, n_blocks=kv_blocks(model, args.kv_cache_gb),

@@ -413,3 +413,19 @@ def test_streams_never_read_release_their_requests(tiny_model):
             worker.shutdown()
 
     assert asyncio.run(scenario())
+
+
+def test_health_waits_for_the_kernel_build(tmp_path, monkeypatch):
+    """A fresh kernel folder: the build (tens of seconds) happens before /health answers, not in the
+    first request."""
+    monkeypatch.setenv("MISTRAL7B_KERNELS_DIR", str(tmp_path))
+    proc, url = start_server("--max-model-len", "512")  # the default model's int4 blocks run natively
+    try:
+        started = time.monotonic()
+        assert completion(url, max_tokens=2).status_code == 200
+        first_request = time.monotonic() - started
+    finally:
+        stop_server(proc)
+    output = proc.stdout.read()
+    assert "compiling native kernels" in output.split("serving")[0]
+    assert first_request < 15
