@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -32,9 +33,11 @@ def main() -> int:
     args = parser.parse_args()
     proc, url = start_server("--api-key", KEY, "--max-model-len", "64", "--max-num-seqs", "4", *args.server_args.split())
     try:
-        return subprocess.run(["schemathesis", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-                               "--max-examples", str(args.max_examples), "--phases", args.phases,
-                               "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60"]).returncode
+        with tempfile.TemporaryDirectory() as scratch:  # schemathesis leaves a .schemathesis folder where it runs
+            return subprocess.run(["schemathesis", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
+                                   "--max-examples", str(args.max_examples), "--phases", args.phases,
+                                   "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60"],
+                                  cwd=scratch).returncode
     finally:
         stop_server(proc)
 
