@@ -73,6 +73,43 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="pre-fill prompts in chunks of N tokens (default: the sliding window, else the whole prompt)")
 
 
+def _structured_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (the text is constrained to match; one at a time)")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="FILE",
+                     help="a JSON schema file (or inline JSON text): the output is a JSON value valid against it")
+    one.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
+    one.add_argument("--regex", metavar="REGEX", help="the output matches this regular expression")
+    one.add_argument("--choice", metavar="A,B,C", help="the output is exactly one of these comma-separated texts")
+    one.add_argument("--grammar", metavar="FILE", help="a Lark or GBNF grammar file the output follows")
+
+
+def _constraint(args):
+    """The structured-output flags -> a Constraint, or None."""
+    from .structured import Constraint
+
+    if getattr(args, "json_schema", None):
+        text = args.json_schema
+        return Constraint.json_schema(text if text.lstrip().startswith("{") else _read_text(text, "--json-schema"),
+                                      "--json-schema")
+    if getattr(args, "json_object", False):
+        return Constraint.json_schema({"type": "object"}, "--json-object")
+    if getattr(args, "regex", None):
+        return Constraint("regex", args.regex, "--regex")
+    if getattr(args, "choice", None):
+        return Constraint.choice([c.strip() for c in args.choice.split(",") if c.strip()], "--choice")
+    if getattr(args, "grammar", None):
+        return Constraint("grammar", _read_text(args.grammar, "--grammar"), "--grammar")
+    return None
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral7b",
@@ -93,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _tp_flag(p)
     _sampling_flags(p, max_tokens=256)
+    _structured_flags(p)
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat, streaming",
@@ -310,7 +348,7 @@ def _params(args) -> SamplingParams:
         raise InputError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     try:
         return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), constraint=_constraint(args))
     except ValueError as e:
         raise InputError(str(e)) from None
 

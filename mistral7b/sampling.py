@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .structured import Constraint
 
 # vLLM's bound: a temperature below this is greedy (dividing logits by it overflows to inf).
 MIN_TEMPERATURE = 1e-5
@@ -34,6 +38,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     prompt_logprobs: int | None = None  # the same for prompt tokens (echo)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    constraint: Constraint | None = None  # structured output: what the text must match (structured.py)
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:

@@ -29,6 +29,7 @@ from ..model import Transformer
 from ..runner import Runner
 from .prefix import extend_hashes
 from ..sampling import apply_logit_bias, apply_penalties, greedy, sample
+from ..structured import Grammars, MaskExecutor
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class Engine:
         self.prefix_queries_total = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits_total = 0  # of which found there
         self.preemptions_total = 0
+        # Structured outputs: the compiler (its vocabulary is built with the first constraint, ~1 s).
+        self.grammars = Grammars(tokenizer, self.model.args.vocab_size) if tokenizer is not None else None
+        self._masks: MaskExecutor | None = None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> Request:
@@ -125,6 +129,10 @@ class Engine:
         the length of a continued row)."""
         check_prompts([request.prompt], self.model.args.vocab_size)
         request.params.check_vocabulary(self.model.args.vocab_size)
+        if request.params.constraint is not None and request.grammar is None:
+            if self.grammars is None:
+                raise InputError("structured outputs need the model's tokenizer")
+            request.grammar = self.grammars.compile(request.params.constraint)
         n = request.params.n
         if n > self.max_num_seqs:
             raise InputError(f"n={n} is more than this server runs at once ({self.max_num_seqs})")
@@ -351,6 +359,9 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
         """logits [B, vocab] -> one new token per sequence, with stop and length checks."""
         apply_logit_bias(logits, [seq.params.logit_bias for seq in seqs])
+        if any(seq.matcher is not None for seq in seqs):
+            self._masks = self._masks or MaskExecutor()
+            self._masks.mask_logits(logits, [seq.matcher for seq in seqs])
         tokens = greedy(logits).tolist()  # greedy rows need nothing else
         failures: dict[int, str] = {}
         for i, seq in enumerate(seqs):
@@ -370,6 +381,8 @@ class Engine:
                 entries[i] = [entry]
         outputs = []
         for i, (seq, token, entry) in enumerate(zip(seqs, tokens, entries)):
+            if seq.matcher is not None and i not in failures and not seq.matcher.consume_token(token):
+                failures[i] = f"the output's grammar rejected token {token}: {seq.matcher.get_error()}"
             if i in failures:
                 outputs.append(self._fail(seq, failures[i]))
                 continue
@@ -382,6 +395,8 @@ class Engine:
                 text = seq.stops.push(seq.decoder.push(token))
                 if seq.stops.stopped:
                     seq.finish_reason = "stop"
+            if seq.finish_reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+                seq.finish_reason = "stop"  # the grammar is complete: nothing may follow
             if seq.finish_reason is None and (len(seq.tokens) >= seq.params.max_tokens or self._context_full(seq)):
                 seq.finish_reason = "length"
             if seq.finished:

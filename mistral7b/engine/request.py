@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import SamplingParams
+from ..structured import Grammar
 from ..streaming import StopStrings
 
 _ids = itertools.count()
@@ -34,6 +35,7 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     row: int | None = None
     arrival: float = field(default_factory=time.monotonic)
+    grammar: Grammar | None = None  # params.constraint compiled (by Engine.validate)
 
 
 class Sequence:
@@ -62,6 +64,7 @@ class Sequence:
         seed = self.params.seed
         # n > 1 with a seed: sequence i draws from seed + i, so the n samples differ but reproduce.
         self.generator = torch.Generator().manual_seed(seed + index) if seed is not None else None
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None  # its grammar state
 
     @property
     def prompt(self) -> list[int]:

@@ -78,8 +78,10 @@ class ThreadedEngine:
         early (client gone) aborts its request."""
         if self._drain_deadline is not None:
             raise ShuttingDown("the server is shutting down; retry on another instance")
-        for request in requests:
-            self.engine.validate(request)
+        if any(r.params.constraint is not None for r in requests):  # compiling a grammar: off the event loop
+            await asyncio.to_thread(self._validate, requests)
+        else:
+            self._validate(requests)
         waiting = self.engine.num_waiting + self._incoming.qsize()
         if waiting + len(requests) > self.engine.max_queue:
             raise QueueFull(f"the server is overloaded ({waiting} requests waiting); retry later")
@@ -91,6 +93,10 @@ class ThreadedEngine:
                 self._abandon(request.request_id)
             raise
         return [self._outputs(request, listener) for request, listener in zip(requests, listeners)]
+
+    def _validate(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.engine.validate(request)
 
     def release(self, requests: list[Request]) -> None:
         """Abort whichever of these requests still runs. For a caller whose streams may never have

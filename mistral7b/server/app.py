@@ -277,8 +277,6 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
     serving.check_model(body.model)
     if body.tools:
         raise APIError(400, "tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise APIError(400, "response_format other than text is not supported", param="response_format")
     ids = await run_in_threadpool(serving.tokenizer.encode_chat, _chat(body.messages))  # off the event loop
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),

@@ -7,6 +7,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling import SamplingError, SamplingParams
+from ..structured import Constraint, ConstraintError
 
 
 class StreamOptions(BaseModel):
@@ -33,6 +34,13 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling(self, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -41,7 +49,47 @@ class _Sampling(BaseModel):
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, seed=self.seed,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            n=self.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=self._token_bias())
+            n=self.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=self._token_bias(),
+            constraint=self.constraint())
+
+    def constraint(self) -> Constraint | None:
+        """The one structured-output constraint the request asks for, if any."""
+        asked = [c for c in (self._response_format(), *self._structured_outputs()) if c is not None]
+        if len(asked) > 1:
+            raise ConstraintError(asked[1].param, "ask for one structured output at a time (response_format, "
+                                                  "structured_outputs or guided_*)")
+        return asked[0] if asked else None
+
+    def _response_format(self) -> Constraint | None:
+        fmt = self.response_format
+        if fmt is None:
+            return None
+        kind = fmt.get("type")
+        if kind == "json_object":
+            return Constraint.json_schema({"type": "object"}, "response_format")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ConstraintError("response_format", "response_format.json_schema needs a `schema`")
+            return Constraint.json_schema(spec["schema"], "response_format")
+        if kind == "text":
+            return None
+        raise ConstraintError("response_format",
+                              f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+
+    def _structured_outputs(self) -> list[Constraint]:
+        fields = {f"guided_{k}": v for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                                 ("choice", self.guided_choice), ("grammar", self.guided_grammar))}
+        asked = [(name, name.removeprefix("guided_"), v) for name, v in fields.items() if v is not None]
+        if not isinstance(self.structured_outputs, (dict, type(None))):
+            raise ConstraintError("structured_outputs", "structured_outputs must be an object")
+        for key, value in (self.structured_outputs or {}).items():
+            if key not in _STRUCTURED_KEYS:
+                raise ConstraintError("structured_outputs", f"structured_outputs.{key} is not supported "
+                                                            f"(supported: {', '.join(_STRUCTURED_KEYS)})")
+            if value is not None and value is not False:
+                asked.append(("structured_outputs", key, value))
+        return [_constraint(param, key, value) for param, key, value in asked]
 
     def _token_bias(self) -> dict[int, float] | None:
         """OpenAI's logit_bias has token ids as JSON keys, so strings: "42" -> 42."""
@@ -49,6 +97,22 @@ class _Sampling(BaseModel):
             return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         except ValueError:
             raise SamplingError("logit_bias", "logit_bias keys must be token ids (integers)") from None
+
+
+_STRUCTURED_KEYS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _constraint(param: str, key: str, value) -> Constraint:
+    """One structured-output field -> its Constraint (vLLM's meanings)."""
+    if key == "json":
+        return Constraint.json_schema(value, param)
+    if key == "json_object":
+        return Constraint.json_schema({"type": "object"}, param)
+    if key == "choice":
+        return Constraint.choice(value, param)
+    if not isinstance(value, str) or not value:
+        raise ConstraintError(param, f"{param}: the {key} must be a non-empty string")
+    return Constraint(key, value, param)
 
 
 class CompletionRequest(_Sampling):
@@ -74,7 +138,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):

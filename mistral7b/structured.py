@@ -1,0 +1,162 @@
+"""Structured outputs: a JSON schema, a regex, a list of choices or a Lark/GBNF grammar, compiled by
+llguidance into a matcher per sequence whose token masks the engine's sampler applies to the batch.
+
+A `Constraint` is what a request asks for (plain data, part of `SamplingParams`); `Grammars` compiles
+it against one tokenizer (the llguidance view of its vocabulary is built once, ~1 s) into a
+`Grammar`, checked before the request is queued; each sequence runs its own copy (`Grammar.matcher`).
+At every step `mask_logits` computes the allowed-token bitmask of each constrained row (in parallel
+threads, on the CPU) and sets the others to -inf, so constrained and free rows share a step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import llguidance
+import torch
+
+from .sampling import SamplingError
+
+KINDS = ("json", "regex", "choice", "grammar")
+
+
+class ConstraintError(SamplingError):
+    """A constraint that cannot be compiled (bad schema, regex or grammar); `param` names its field."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. kind: "json" (spec: a JSON schema as JSON text; `{"type": "object"}`
+    for any object), "regex", "choice" (spec: a JSON list of strings) or "grammar" (Lark, or llama.cpp's
+    GBNF); `param` names the request field it came from, for error messages."""
+
+    kind: str
+    spec: str
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConstraintError(self.param, f"{self.param}: unknown kind {self.kind!r} (one of {', '.join(KINDS)})")
+
+    @classmethod
+    def json_schema(cls, schema, param: str = "structured_outputs") -> Constraint:
+        """A schema as a dict (or its JSON text); it must be a JSON object."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(param, f"{param}: the schema is not valid JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise ConstraintError(param, f"{param}: a JSON schema must be an object, got {type(schema).__name__}")
+        return cls("json", json.dumps(schema), param)
+
+    @classmethod
+    def choice(cls, options, param: str = "structured_outputs") -> Constraint:
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+            raise ConstraintError(param, f"{param}: choices must be a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(options), param)
+
+    def lark(self) -> str:
+        """The llguidance grammar text of this constraint (not yet checked)."""
+        if self.kind == "choice":
+            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in json.loads(self.spec)))
+        if self.kind == "grammar":
+            try:
+                return llguidance.grammar_from("grammar", self.spec)  # Lark, or GBNF converted to Lark
+            except ValueError as e:
+                raise ConstraintError(self.param, f"{self.param}: {e}") from None
+        if self.kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(self.spec)
+        try:
+            # Whitespace between JSON tokens is not free: a model that likes newlines could fill
+            # max_tokens with them (llguidance's default is to allow it).
+            return llguidance.LLMatcher.grammar_from_json_schema(self.spec, defaults={"whitespace_flexible": False})
+        except ValueError as e:
+            raise ConstraintError(self.param, f"{self.param}: {e}") from None
+
+
+class Grammar:
+    """A compiled constraint: `matcher()` gives each sequence its own state."""
+
+    def __init__(self, matcher: llguidance.LLMatcher):
+        self._prototype = matcher
+
+    def matcher(self) -> llguidance.LLMatcher:
+        return self._prototype.deep_copy()
+
+
+class Grammars:
+    """Compiles constraints against one tokenizer's vocabulary (`vocab_size` is the model's: rows of the
+    logits past the tokenizer's own vocabulary are never allowed)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self._tokenizer, self._vocab_size = tokenizer, vocab_size
+        self._ll: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()  # requests are validated on several threads
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._ll is None:
+                self._ll = ll_tokenizer(self._tokenizer, self._vocab_size)
+            return self._ll
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        """-> a Grammar, or ConstraintError naming the request field for a bad schema/regex/grammar."""
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, constraint.lark(), log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(constraint.param, f"{constraint.param}: {_first_line(matcher.get_error())}")
+        return Grammar(matcher)
+
+
+def ll_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
+    """llguidance's view of our tokenizer: the bytes of every token, which are special, and the ids
+    that may end an output (EOS and the chat format's end of turn)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None:  # a `tokenizers.Tokenizer` (Hugging Face files, GGUF vocabularies)
+        return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=tokenizer.stop_ids)
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary(tokenizer)), n_vocab=vocab_size,
+                                  eos_token=tokenizer.stop_ids)
+
+
+class _ByteVocabulary:
+    """The shape llguidance's TokenizerWrapper reads, for tokenizers that can give each token's bytes
+    (`token_bytes(i)`: Mistral's files through mistral-common)."""
+
+    def __init__(self, tokenizer):
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self.special_token_ids = sorted(tokenizer.special_tokens.values())
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "invalid grammar"
+
+
+class MaskExecutor:
+    """Fills the token bitmasks of a step's constrained rows, the matchers running in parallel."""
+
+    def __init__(self):
+        self._executor = llguidance.LLExecutor()
+
+    def mask_logits(self, logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:
+        """logits [B, vocab] (fp32, CPU or not); matchers[i] constrains row i (None: free) -> every token
+        row i's matcher does not allow gets -inf, in place."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        vocab = logits.shape[1]
+        bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)  # [R, words]
+        self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)], bitmask.data_ptr(),
+                                               bitmask.shape[1] * 4, len(rows))
+        bits = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :vocab].bool()  # [R, vocab]
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
