@@ -19,7 +19,7 @@ import torch
 
 from .sampling import SamplingError
 
-KINDS = ("json", "regex", "choice", "grammar")
+KINDS = ("json", "regex", "choice", "grammar", "lark")
 
 
 class ConstraintError(SamplingError):
@@ -29,8 +29,8 @@ class ConstraintError(SamplingError):
 @dataclass(frozen=True)
 class Constraint:
     """What the output must match. kind: "json" (spec: a JSON schema as JSON text; `{"type": "object"}`
-    for any object), "regex", "choice" (spec: a JSON list of strings) or "grammar" (Lark, or llama.cpp's
-    GBNF); `param` names the request field it came from, for error messages."""
+    for any object), "regex", "choice" (spec: a JSON list of strings), "grammar" (Lark, or llama.cpp's
+    GBNF) or "lark" (Lark only, with llguidance's extensions: `%json`, `<[token id]>`); `param` names the request field it came from, for error messages."""
 
     kind: str
     spec: str
@@ -62,6 +62,8 @@ class Constraint:
         """The llguidance grammar text of this constraint (not yet checked)."""
         if self.kind == "choice":
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in json.loads(self.spec)))
+        if self.kind == "lark":
+            return llguidance.LLMatcher.grammar_from_lark(self.spec)
         if self.kind == "grammar":
             try:
                 return llguidance.grammar_from("grammar", self.spec)  # Lark, or GBNF converted to Lark
@@ -117,23 +119,9 @@ def ll_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
     backend = getattr(tokenizer, "backend", None)
     if backend is not None:  # a `tokenizers.Tokenizer` (Hugging Face files, GGUF vocabularies)
         return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=tokenizer.stop_ids)
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary(tokenizer)), n_vocab=vocab_size,
+    # Mistral's files: their bytes per token, through the tokenizer (tokenizer/mistral.py).
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(tokenizer.byte_vocabulary()), n_vocab=vocab_size,
                                   eos_token=tokenizer.stop_ids)
-
-
-class _ByteVocabulary:
-    """The shape llguidance's TokenizerWrapper reads, for tokenizers that can give each token's bytes
-    (`token_bytes(i)`: Mistral's files through mistral-common)."""
-
-    def __init__(self, tokenizer):
-        self.eos_token_id = tokenizer.eos_id
-        self.bos_token_id = tokenizer.bos_id
-        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
-        self.special_token_ids = sorted(tokenizer.special_tokens.values())
-        self._tokenizer = tokenizer
-
-    def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
 
 
 def _first_line(message: str) -> str:

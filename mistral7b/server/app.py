@@ -28,6 +28,7 @@ from ..engine import Engine, QueueFull, Request, SequenceOutput
 from ..engine.threaded import EngineFailure, ShuttingDown, ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
+from ..tools import check_tool_choice, check_tool_messages, check_tools, tool_format
 from . import responses
 from .access_log import AccessLog
 from .body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
@@ -147,7 +148,7 @@ async def _unexpected(_, e: Exception):
 
 
 async def _input(_, e: InputError):
-    return _error(400, str(e), "BadRequestError")
+    return _error(400, str(e), "BadRequestError", getattr(e, "param", None))
 
 
 async def _sampling(_, e: SamplingError):
@@ -275,13 +276,21 @@ async def completions(body: CompletionRequest, http: HTTPRequest, serving: Servi
 @v1.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, serving: ServingDep):
     serving.check_model(body.model)
-    if body.tools:
-        raise APIError(400, "tools are not supported", param="tools")
-    ids = await run_in_threadpool(serving.tokenizer.encode_chat, _chat(body.messages))  # off the event loop
+    tokenizer = serving.tokenizer
+    messages = _chat(body.messages)
+    check_tool_messages(messages)
+    tools = check_tools(body.tools) if body.tools else []
+    mode, name = check_tool_choice(body.tool_choice, tools)
+    calls = tool_format(tokenizer) if mode != "none" else None
+    constraint = calls.constraint(tools, mode, name, body.parallel_tool_calls) if calls else None
+    if constraint is not None and body.constraint() is not None:
+        raise APIError(400, "a request with tools cannot also ask for a structured output (or set tool_choice: "
+                            "'none')", param="response_format")
+    ids = await run_in_threadpool(tokenizer.encode_chat, messages, tools if calls else None)  # off the event loop
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
-                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    shaper = responses.ChatCompletions(serving.tokenizer, serving.model_name, ids, body)
+                           logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
+    shaper = responses.ChatCompletions(tokenizer, serving.model_name, ids, body, calls.parser if calls else None)
     return await _answer(serving, [Request(ids, params)], shaper, body, http)
 
 

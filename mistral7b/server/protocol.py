@@ -42,7 +42,9 @@ class _Sampling(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
-    def sampling(self, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling(self, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                 constraint: Constraint | None = None) -> SamplingParams:
+        """constraint: one the route made (tool calls), else the request's own structured output."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -50,7 +52,7 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, seed=self.seed,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             n=self.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=self._token_bias(),
-            constraint=self.constraint())
+            constraint=constraint or self.constraint())
 
     def constraint(self) -> Constraint | None:
         """The one structured-output constraint the request asks for, if any."""
@@ -138,6 +140,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(BaseModel):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..engine import SequenceOutput, TokenLogprob
+from ..tools import ToolCall, ToolCallParser, split_output
 
 
 def now() -> int:
@@ -141,10 +142,13 @@ class ChatCompletions(_Shaper):
     object_name = "chat.completion"
     id_prefix = "chatcmpl"
 
-    def __init__(self, tokenizer, model_name: str, prompt: list[int], body):
+    def __init__(self, tokenizer, model_name: str, prompt: list[int], body,
+                 tool_parser: Callable[[], ToolCallParser] | None = None):
+        """tool_parser: makes the parser of the model's tool calls, when the request has tools."""
         super().__init__(tokenizer, model_name, body)
         self.prompt_tokens = len(prompt)
         self.k = (body.top_logprobs or 0) if body.logprobs else None
+        self.tool_parser = tool_parser
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
         def item(token: int, logprob: float) -> dict:
@@ -161,24 +165,54 @@ class ChatCompletions(_Shaper):
         choices = []
         for j, c in sorted(_group(outputs).items()):
             logprobs = self._logprobs(self.visible(c["logprobs"], c["finish"])) if self.k is not None else None
-            choices.append({"index": j, "message": {"role": "assistant", "content": c["text"]},
-                            "logprobs": logprobs, "finish_reason": c["finish"]})
+            message, finish = {"role": "assistant", "content": c["text"]}, c["finish"]
+            if self.tool_parser is not None:
+                message["content"], calls = split_output(self.tool_parser(), c["tokens"], c["text"])
+                if calls:
+                    message["tool_calls"] = [call.to_openai() for call in calls]
+                    finish = _tool_finish(finish)
+            choices.append({"index": j, "message": message, "logprobs": logprobs, "finish_reason": finish})
         return {**self._head(), "choices": choices, "usage": self.usage()["usage"]}
 
     async def stream(self, merged: AsyncIterator[tuple[int, SequenceOutput]]) -> AsyncIterator[dict]:
         head = self._head("chunk")
-        started: set[int] = set()
+        parsers: dict[int, ToolCallParser] = {}
+        calls_made: dict[int, int] = {}  # choice -> tool calls streamed so far
+
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}]}
+
         async for _, out in merged:
-            if out.index not in started:  # the role comes first, in a chunk of its own
-                started.add(out.index)
-                yield {**head, "choices": [{"index": out.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]}
+            i = out.index
+            if i not in parsers:  # the role comes first, in a chunk of its own
+                parsers[i] = self.tool_parser() if self.tool_parser is not None else None
+                calls_made[i] = 0
+                yield chunk(i, {"role": "assistant", "content": ""})
             self.count(0, out)
             entries = self.visible(out.new_logprobs, out.finish_reason)
-            if out.new_text or (self.k is not None and entries):
-                yield {**head, "choices": [{"index": out.index, "delta": {"content": out.new_text},
-                                            "logprobs": self._logprobs(entries) if self.k is not None else None,
-                                            "finish_reason": None}]}
+            text, calls = out.new_text, []
+            if parsers[i] is not None:
+                text, calls = parsers[i].push(out.new_tokens, out.new_text)
+                if out.finish_reason:
+                    rest, more = parsers[i].finish()
+                    text, calls = text + rest, calls + more
+            if text or (self.k is not None and entries):
+                yield chunk(i, {"content": text}, self._logprobs(entries) if self.k is not None else None)
+            for call in calls:
+                for delta in _call_deltas(calls_made[i], call):
+                    yield chunk(i, {"tool_calls": [delta]})
+                calls_made[i] += 1
             if out.finish_reason:
-                yield {**head, "choices": [{"index": out.index, "delta": {}, "logprobs": None,
-                                            "finish_reason": out.finish_reason}]}
+                yield chunk(i, {}, finish_reason=_tool_finish(out.finish_reason) if calls_made[i] else out.finish_reason)
+
+
+def _tool_finish(finish: str | None) -> str | None:
+    """An output that ended by itself after calling tools ends with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if finish == "stop" else finish
+
+
+def _call_deltas(index: int, call: ToolCall) -> list[dict]:
+    """One tool call as OpenAI streams it: its id and name first, then its arguments."""
+    return [{"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+            {"index": index, "function": {"arguments": call.arguments}}]

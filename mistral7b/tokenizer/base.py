@@ -38,8 +38,9 @@ class Tokenizer(ABC):
         """Text of ids that are all in the vocabulary and not special."""
 
     @abstractmethod
-    def _encode_chat(self, messages: list[dict]) -> list[int]:
-        """The whole conversation in the model's format, ready for the assistant's answer."""
+    def _encode_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """The whole conversation in the model's format, ready for the assistant's answer; `tools`:
+        OpenAI function definitions the model may call (tools.py)."""
 
     def encode(self, text: str, *, bos: bool = False) -> list[int]:
         if bos and self.bos_id is None:
@@ -51,11 +52,12 @@ class Tokenizer(ABC):
         """Text of `ids`; special tokens and ids outside the vocabulary (padded embeddings) decode to nothing."""
         return self._decode([i for i in ids if self.is_text(i)])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """`messages` as the OpenAI API gives them: [{"role": "system"|"user"|"assistant", "content": ...}]."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """`messages` as the OpenAI API gives them: [{"role": "system"|"user"|"assistant"|"tool", "content": ...}]
+        (assistant turns may carry `tool_calls`, tool turns a `tool_call_id`)."""
         if not messages:
             raise InputError("a chat needs at least one message")
-        return self._encode_chat([_plain_message(m, i) for i, m in enumerate(messages)])
+        return self._encode_chat([_plain_message(m, i) for i, m in enumerate(messages)], tools or None)
 
     def is_text(self, token_id: int) -> bool:
         """True for a token that decodes to text (not a special token, inside the vocabulary)."""

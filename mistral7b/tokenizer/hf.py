@@ -10,10 +10,12 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import Tokenizer as RustTokenizer
 
 from ..errors import CheckpointError, InputError
+from ..tools import inline_tools
 from .base import Tokenizer
 
 _PROBE = "\x00assistant-reply\x00"  # a reply text no template alters, to find what follows a reply
@@ -32,7 +34,8 @@ class HFTokenizer(Tokenizer):
         self._text = RustTokenizer.from_str(tokenizer.to_str())
         self._text.encode_special_tokens = True
         self._bos, self._eos = bos, eos
-        self._template = _compile(chat_template, source) if chat_template else None
+        # _renders_tools: whether the template renders `tools` itself (if not, tools.inline_tools writes them)
+        self._template, self._renders_tools = _compile(chat_template, source) if chat_template else (None, False)
         specials = {t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
         bos_id = tokenizer.token_to_id(bos) if bos else None
         eos_id = tokenizer.token_to_id(eos) if eos else None
@@ -46,18 +49,22 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
 
-    def _encode_chat(self, messages: list[dict]) -> list[int]:
+    def _encode_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         if self._template is None:
             raise InputError("this model's tokenizer has no chat template; send a plain prompt instead")
-        ids = self.backend.encode(self._render(messages, add_generation_prompt=True), add_special_tokens=False).ids
+        if not self._renders_tools and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)):
+            messages, tools = inline_tools(messages, tools), None
+        text = self._render(messages, add_generation_prompt=True, tools=tools)
+        ids = self.backend.encode(text, add_special_tokens=False).ids
         if self.add_bos and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         return ids
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._bos or "", eos_token=self._eos or "")
+                                         bos_token=self._bos or "", eos_token=self._eos or "",
+                                         **({"tools": tools} if tools else {}))
         except jinja2.TemplateError as e:
             raise InputError(f"the chat template rejects these messages: {e}") from None
 
@@ -74,7 +81,8 @@ class HFTokenizer(Tokenizer):
         return ids[0] if ids and ids[0] in specials.values() else None
 
 
-def _compile(template: str, source: Path) -> jinja2.Template:
+def _compile(template: str, source: Path) -> tuple[jinja2.Template, bool]:
+    """-> (the template, whether it uses a `tools` variable)."""
     # The environment transformers renders chat templates in: sandboxed, with its helpers.
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                       extensions=[jinja2.ext.loopcontrols])
@@ -83,7 +91,7 @@ def _compile(template: str, source: Path) -> jinja2.Template:
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(template)
+        return env.from_string(template), "tools" in jinja2.meta.find_undeclared_variables(env.parse(template))
     except jinja2.TemplateSyntaxError as e:
         raise CheckpointError(f"{source}: its chat template is not valid Jinja ({e}, line {e.lineno})") from None
 
