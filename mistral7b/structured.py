@@ -4,8 +4,8 @@ llguidance into a matcher per sequence whose token masks the engine's sampler ap
 A `Constraint` is what a request asks for (plain data, part of `SamplingParams`); `Grammars` compiles
 it against one tokenizer (the llguidance view of its vocabulary is built once, ~1 s) into a
 `Grammar`, checked before the request is queued; each sequence runs its own copy (`Grammar.matcher`).
-At every step `mask_logits` computes the allowed-token bitmask of each constrained row (in parallel
-threads, on the CPU) and sets the others to -inf, so constrained and free rows share a step.
+At every step `mask_logits` computes the allowed-token bitmask of each constrained row (on the CPU)
+and sets the others to -inf, so constrained and free rows share a step.
 """
 
 from __future__ import annotations
@@ -128,23 +128,19 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "invalid grammar"
 
 
-class MaskExecutor:
-    """Fills the token bitmasks of a step's constrained rows, the matchers running in parallel."""
-
-    def __init__(self):
-        self._executor = llguidance.LLExecutor()
-
-    def mask_logits(self, logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:
-        """logits [B, vocab] (fp32, CPU or not); matchers[i] constrains row i (None: free) -> every token
-        row i's matcher does not allow gets -inf, in place."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
-        if not rows:
-            return
-        vocab = logits.shape[1]
-        bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)  # [R, words]
-        self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)], bitmask.data_ptr(),
-                                               bitmask.shape[1] * 4, len(rows))
-        bits = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :vocab].bool()  # [R, vocab]
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:
+    """logits [B, vocab] (fp32, CPU or not); matchers[i] constrains row i (None: free) -> every token row
+    i's matcher does not allow gets -inf, in place. The masks are computed one after another on this
+    thread: a mask takes tens of microseconds, and llguidance's thread pool (LLExecutor) kept spinning
+    against the decode kernels' threads on a small machine (BENCHMARKS.md, structured outputs)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)  # [R, words]
+    for j, i in enumerate(rows):
+        matchers[i].unsafe_compute_mask_ptr(bitmask[j].data_ptr(), bitmask.shape[1] * 4)
+    bits = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :vocab].bool()  # [R, vocab]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))

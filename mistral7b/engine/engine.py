@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..runner import Runner
 from .prefix import extend_hashes
 from ..sampling import apply_logit_bias, apply_penalties, greedy, sample
-from ..structured import Grammars, MaskExecutor
+from ..structured import Grammars, mask_logits
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,6 @@ class Engine:
         self.preemptions_total = 0
         # Structured outputs: the compiler (its vocabulary is built with the first constraint, ~1 s).
         self.grammars = Grammars(tokenizer, self.model.args.vocab_size) if tokenizer is not None else None
-        self._masks: MaskExecutor | None = None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> Request:
@@ -359,9 +358,7 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
         """logits [B, vocab] -> one new token per sequence, with stop and length checks."""
         apply_logit_bias(logits, [seq.params.logit_bias for seq in seqs])
-        if any(seq.matcher is not None for seq in seqs):
-            self._masks = self._masks or MaskExecutor()
-            self._masks.mask_logits(logits, [seq.matcher for seq in seqs])
+        mask_logits(logits, [seq.matcher for seq in seqs])  # structured outputs
         tokens = greedy(logits).tolist()  # greedy rows need nothing else
         failures: dict[int, str] = {}
         for i, seq in enumerate(seqs):
