@@ -147,7 +147,7 @@ async def _unexpected(_, e: Exception):
 
 
 async def _input(_, e: InputError):
-    return _error(400, str(e), "BadRequestError")
+    return _error(400, str(e), "BadRequestError", getattr(e, "param", None))
 
 
 async def _sampling(_, e: SamplingError):
@@ -226,10 +226,11 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
     if body.messages is not None:
-        ids = await run_in_threadpool(tokenizer.encode_chat, _chat(body.messages))
+        ids = await run_in_threadpool(_encode_chat, tokenizer, body)
     else:
         bos = tokenizer.add_bos and body.add_special_tokens
-        ids = await run_in_threadpool(tokenizer.encode, _unicode(body.prompt, "prompt"), bos=bos)
+        ids = await run_in_threadpool(tokenizer.encode, _unicode(body.prompt, "prompt"), bos=bos,
+                                      special=body.parse_special)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_len}
 
 
@@ -261,7 +262,8 @@ async def completions(body: CompletionRequest, http: HTTPRequest, serving: Servi
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of is not supported (use n)", param="best_of")
-    prompts = await run_in_threadpool(_prompt_ids, body.prompt, serving.tokenizer)  # off the event loop
+    # off the event loop
+    prompts = await run_in_threadpool(_prompt_ids, body.prompt, serving.tokenizer, body.parse_special)
     requests = []
     for ids in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else serving.default_max_tokens(len(ids))
@@ -279,7 +281,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
         raise APIError(400, "tools are not supported", param="tools")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise APIError(400, "response_format other than text is not supported", param="response_format")
-    ids = await run_in_threadpool(serving.tokenizer.encode_chat, _chat(body.messages))  # off the event loop
+    ids = await run_in_threadpool(_encode_chat, serving.tokenizer, body)  # off the event loop
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
@@ -318,9 +320,10 @@ async def _collect(streams: list[AsyncIterator[SequenceOutput]], http: HTTPReque
     return task.result()
 
 
-def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
-    """The four prompt shapes of /v1/completions -> token-id lists. Text gets the model's BOS;
-    token ids are taken as given (lm-eval relies on that)."""
+def _prompt_ids(prompt, tokenizer, special: bool) -> list[list[int]]:
+    """The four prompt shapes of /v1/completions -> token-id lists. Text gets the model's BOS and, with
+    `special`, its special-token texts parsed (a prompt the client formatted as a chat); token ids are
+    taken as given (lm-eval relies on that)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -329,7 +332,8 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for p in prompt:
-        ids = tokenizer.encode(_unicode(p, "prompt"), bos=tokenizer.add_bos) if isinstance(p, str) else list(p)
+        ids = tokenizer.encode(_unicode(p, "prompt"), bos=tokenizer.add_bos, special=special) if isinstance(p, str) \
+            else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         out.append(ids)
@@ -344,6 +348,16 @@ def _unicode(text: str, param: str) -> str:
         raise APIError(400, f"{param} is not valid Unicode: a lone surrogate at character {e.start}",
                        param=param) from None
     return text
+
+
+def _encode_chat(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    """The messages of a chat or /tokenize request as a prompt, in the format its fields ask for."""
+    if body.add_generation_prompt and body.continue_final_message:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false (the last message is "
+                       "continued, no new turn is opened)", param="continue_final_message")
+    template = _unicode(body.chat_template, "chat_template") if body.chat_template is not None else None
+    return tokenizer.encode_chat(_chat(body.messages), add_generation_prompt=body.add_generation_prompt,
+                                 continue_final_message=body.continue_final_message, chat_template=template)
 
 
 def _chat(messages: list[ChatMessage]) -> list[dict]:

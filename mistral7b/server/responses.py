@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import AsyncIterator
 
+from .. import __version__
 from ..engine import SequenceOutput, TokenLogprob
 
 
 def now() -> int:
     return int(time.time())
+
+
+def system_fingerprint(model_name: str) -> str:
+    """OpenAI's `system_fingerprint`: the same for every answer of one version serving one model."""
+    return "fp_" + hashlib.sha256(f"mistral7b {__version__} {model_name}".encode()).hexdigest()[:10]
 
 
 class _Shaper:
@@ -22,6 +29,7 @@ class _Shaper:
     def __init__(self, tokenizer, model_name: str, body):
         self.tokenizer, self.model_name, self.body = tokenizer, model_name, body
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.fingerprint = system_fingerprint(model_name)
         self.created = now()
         self.n = body.n
         self.prompt_tokens = 0
@@ -53,7 +61,8 @@ class _Shaper:
 
     def _head(self, kind: str = "") -> dict:
         name = self.object_name + (".chunk" if kind == "chunk" and self.object_name.startswith("chat") else "")
-        return {"id": self.id, "object": name, "created": self.created, "model": self.model_name}
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model_name,
+                "system_fingerprint": self.fingerprint}
 
 
 def _group(outputs: list[SequenceOutput]) -> dict[int, dict]:
@@ -145,6 +154,7 @@ class ChatCompletions(_Shaper):
         super().__init__(tokenizer, model_name, body)
         self.prompt_tokens = len(prompt)
         self.k = (body.top_logprobs or 0) if body.logprobs else None
+        self.echo = _echo(body)
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
         def item(token: int, logprob: float) -> dict:
@@ -161,7 +171,7 @@ class ChatCompletions(_Shaper):
         choices = []
         for j, c in sorted(_group(outputs).items()):
             logprobs = self._logprobs(self.visible(c["logprobs"], c["finish"])) if self.k is not None else None
-            choices.append({"index": j, "message": {"role": "assistant", "content": c["text"]},
+            choices.append({"index": j, "message": {"role": "assistant", "content": self.echo + c["text"]},
                             "logprobs": logprobs, "finish_reason": c["finish"]})
         return {**self._head(), "choices": choices, "usage": self.usage()["usage"]}
 
@@ -173,6 +183,9 @@ class ChatCompletions(_Shaper):
                 started.add(out.index)
                 yield {**head, "choices": [{"index": out.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]}
+                if self.echo:
+                    yield {**head, "choices": [{"index": out.index, "delta": {"content": self.echo},
+                                                "logprobs": None, "finish_reason": None}]}
             self.count(0, out)
             entries = self.visible(out.new_logprobs, out.finish_reason)
             if out.new_text or (self.k is not None and entries):
@@ -182,3 +195,12 @@ class ChatCompletions(_Shaper):
             if out.finish_reason:
                 yield {**head, "choices": [{"index": out.index, "delta": {}, "logprobs": None,
                                             "finish_reason": out.finish_reason}]}
+
+
+def _echo(body) -> str:
+    """vLLM's chat `echo`: the last message's content, when that message is the assistant's (the answer
+    continues it, as with `continue_final_message`)."""
+    last = body.messages[-1]
+    if not body.echo or last.role != "assistant" or not last.content:
+        return ""
+    return last.content if isinstance(last.content, str) else "".join(p.get("text", "") for p in last.content)
