@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", help="model name in the API (default: the checkpoint's name)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template to format every chat with, instead of the model's own (Hugging Face "
+                        "and GGUF tokenizers)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in the running batch (default: 32)")
     p.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: the model's context; windowed models "
@@ -478,7 +481,10 @@ def _run_serve(args) -> None:
     from .server.run import serve
 
     _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
+    template = _read_text(args.chat_template, "--chat-template") if args.chat_template else None
     model, tokenizer = _load(args)
+    if template is not None:
+        tokenizer.set_chat_template(template, f"--chat-template {args.chat_template}")
     _check_max_model_len(args.max_model_len, model)
     _build_kernels(args.device)  # before /health answers, not in the first request
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -509,6 +515,13 @@ def _check_max_model_len(asked: int | None, model) -> None:
     if asked is not None and limit is not None and asked > limit:
         raise InputError(f"--max-model-len {asked} is more than this model's context ({limit} tokens); "
                          f"give at most {limit} or leave it out")
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _check_port(host: str, port: int) -> None:

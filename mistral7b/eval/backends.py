@@ -131,7 +131,8 @@ class ServerBackend:
             return json.load(r)
 
     def encode(self, text: str) -> list[int]:
-        return self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+        # Special-token text stays text, as the local backend encodes it: the same scores either way.
+        return self._post("/tokenize", {"prompt": text, "add_special_tokens": False, "parse_special": False})["tokens"]
 
     def _map(self, fn, items: list, what: str) -> list:
         """fn over batches of items, `concurrency` calls at a time, results in order."""

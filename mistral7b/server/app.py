@@ -227,10 +227,11 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
     if body.messages is not None:
-        ids = await run_in_threadpool(tokenizer.encode_chat, _chat(body.messages))
+        ids = await run_in_threadpool(_encode_chat, tokenizer, body)
     else:
         bos = tokenizer.add_bos and body.add_special_tokens
-        ids = await run_in_threadpool(tokenizer.encode, _unicode(body.prompt, "prompt"), bos=bos)
+        ids = await run_in_threadpool(tokenizer.encode, _unicode(body.prompt, "prompt"), bos=bos,
+                                      special=body.parse_special)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_len}
 
 
@@ -262,7 +263,8 @@ async def completions(body: CompletionRequest, http: HTTPRequest, serving: Servi
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of is not supported (use n)", param="best_of")
-    prompts = await run_in_threadpool(_prompt_ids, body.prompt, serving.tokenizer)  # off the event loop
+    # off the event loop
+    prompts = await run_in_threadpool(_prompt_ids, body.prompt, serving.tokenizer, body.parse_special)
     requests = []
     for ids in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else serving.default_max_tokens(len(ids))
@@ -286,7 +288,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
     if constraint is not None and body.constraint() is not None:
         raise APIError(400, "a request with tools cannot also ask for a structured output (or set tool_choice: "
                             "'none')", param="response_format")
-    ids = await run_in_threadpool(tokenizer.encode_chat, messages, tools if calls else None)  # off the event loop
+    # off the event loop
+    ids = await run_in_threadpool(_encode_chat, tokenizer, body, messages, tools if calls else None)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
@@ -325,9 +328,10 @@ async def _collect(streams: list[AsyncIterator[SequenceOutput]], http: HTTPReque
     return task.result()
 
 
-def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
-    """The four prompt shapes of /v1/completions -> token-id lists. Text gets the model's BOS;
-    token ids are taken as given (lm-eval relies on that)."""
+def _prompt_ids(prompt, tokenizer, special: bool) -> list[list[int]]:
+    """The four prompt shapes of /v1/completions -> token-id lists. Text gets the model's BOS and, with
+    `special`, its special-token texts parsed (a prompt the client formatted as a chat); token ids are
+    taken as given (lm-eval relies on that)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -336,7 +340,8 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for p in prompt:
-        ids = tokenizer.encode(_unicode(p, "prompt"), bos=tokenizer.add_bos) if isinstance(p, str) else list(p)
+        ids = tokenizer.encode(_unicode(p, "prompt"), bos=tokenizer.add_bos, special=special) if isinstance(p, str) \
+            else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         out.append(ids)
@@ -351,6 +356,19 @@ def _unicode(text: str, param: str) -> str:
         raise APIError(400, f"{param} is not valid Unicode: a lone surrogate at character {e.start}",
                        param=param) from None
     return text
+
+
+def _encode_chat(tokenizer, body: ChatCompletionRequest | TokenizeRequest, messages: list[dict] | None = None,
+                 tools: list[dict] | None = None) -> list[int]:
+    """The messages of a chat or /tokenize request (or `messages`, already taken from it) as a prompt, in the
+    format its fields ask for, with the functions the model may call."""
+    if body.add_generation_prompt and body.continue_final_message:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false (the last message is "
+                       "continued, no new turn is opened)", param="continue_final_message")
+    template = _unicode(body.chat_template, "chat_template") if body.chat_template is not None else None
+    messages = _chat(body.messages) if messages is None else messages
+    return tokenizer.encode_chat(messages, tools, add_generation_prompt=body.add_generation_prompt,
+                                 continue_final_message=body.continue_final_message, chat_template=template)
 
 
 def _chat(messages: list[ChatMessage]) -> list[dict]:

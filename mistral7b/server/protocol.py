@@ -124,6 +124,15 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    parse_special: bool = True  # llama.cpp's name: "<|im_start|>" in a text prompt is that token
+
+
+class _ChatFormat(BaseModel):
+    """How messages become a prompt, with vLLM's names: see `Tokenizer.encode_chat`."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -133,8 +142,9 @@ class ChatMessage(BaseModel):
     content: Union[str, list[dict[str, Any]], None] = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_ChatFormat, _Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    echo: bool = False  # vLLM's: the answer starts with the last message's content when that is the assistant's
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -144,11 +154,12 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatFormat):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    parse_special: bool = True
 
 
 class DetokenizeRequest(BaseModel):

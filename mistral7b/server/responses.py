@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import AsyncIterator, Callable
 
+from .. import __version__
 from ..engine import SequenceOutput, TokenLogprob
 from ..tools import ToolCall, ToolCallParser, split_output
 
 
 def now() -> int:
     return int(time.time())
+
+
+def system_fingerprint(model_name: str) -> str:
+    """OpenAI's `system_fingerprint`: the same for every answer of one version serving one model."""
+    return "fp_" + hashlib.sha256(f"mistral7b {__version__} {model_name}".encode()).hexdigest()[:10]
 
 
 class _Shaper:
@@ -24,6 +31,7 @@ class _Shaper:
         self.tokenizer, self.model_name, self.body = tokenizer, model_name, body
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = now()
+        self.fingerprint = system_fingerprint(model_name)
         self.n = body.n
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -54,7 +62,8 @@ class _Shaper:
 
     def _head(self, kind: str = "") -> dict:
         name = self.object_name + (".chunk" if kind == "chunk" and self.object_name.startswith("chat") else "")
-        return {"id": self.id, "object": name, "created": self.created, "model": self.model_name}
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model_name,
+                "system_fingerprint": self.fingerprint}
 
 
 def _group(outputs: list[SequenceOutput]) -> dict[int, dict]:
@@ -149,6 +158,7 @@ class ChatCompletions(_Shaper):
         self.prompt_tokens = len(prompt)
         self.k = (body.top_logprobs or 0) if body.logprobs else None
         self.tool_parser = tool_parser
+        self.echo = _echo(body)
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
         def item(token: int, logprob: float) -> dict:
@@ -165,9 +175,10 @@ class ChatCompletions(_Shaper):
         choices = []
         for j, c in sorted(_group(outputs).items()):
             logprobs = self._logprobs(self.visible(c["logprobs"], c["finish"])) if self.k is not None else None
-            message, finish = {"role": "assistant", "content": c["text"]}, c["finish"]
+            message, finish = {"role": "assistant", "content": self.echo + c["text"]}, c["finish"]
             if self.tool_parser is not None:
-                message["content"], calls = split_output(self.tool_parser(), c["tokens"], c["text"])
+                content, calls = split_output(self.tool_parser(), c["tokens"], c["text"])
+                message["content"] = self.echo + (content or "") if content is not None or self.echo else None
                 if calls:
                     message["tool_calls"] = [call.to_openai() for call in calls]
                     finish = _tool_finish(finish)
@@ -189,6 +200,8 @@ class ChatCompletions(_Shaper):
                 parsers[i] = self.tool_parser() if self.tool_parser is not None else None
                 calls_made[i] = 0
                 yield chunk(i, {"role": "assistant", "content": ""})
+                if self.echo:
+                    yield chunk(i, {"content": self.echo})
             self.count(0, out)
             entries = self.visible(out.new_logprobs, out.finish_reason)
             text, calls = out.new_text, []
@@ -216,3 +229,12 @@ def _call_deltas(index: int, call: ToolCall) -> list[dict]:
     """One tool call as OpenAI streams it: its id and name first, then its arguments."""
     return [{"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
             {"index": index, "function": {"arguments": call.arguments}}]
+
+
+def _echo(body) -> str:
+    """vLLM's chat `echo`: the last message's content, when that message is the assistant's (the answer
+    continues it, as with `continue_final_message`)."""
+    last = body.messages[-1]
+    if not body.echo or last.role != "assistant" or not last.content:
+        return ""
+    return last.content if isinstance(last.content, str) else "".join(p.get("text", "") for p in last.content)

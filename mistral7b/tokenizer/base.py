@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 from ..errors import InputError
 
 ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(InputError):
+    """A chat template that cannot be used: not valid Jinja, or given to a tokenizer without Jinja templates."""
+
+    param = "chat_template"
+
+
+NO_JINJA = "this model's tokenizer takes no Jinja chat template: its chat format is built in (mistral-common)"
 
 
 class Tokenizer(ABC):
@@ -28,36 +38,58 @@ class Tokenizer(ABC):
         self.special_tokens = special_tokens
         self.stop_ids = list(dict.fromkeys(i for i in stop_ids if i is not None))
         self._special_ids = frozenset(special_tokens.values())
+        # Longest first, so that a token whose text starts with another's is found whole; "(?!)": none.
+        longest_first = sorted(special_tokens, key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
 
     @abstractmethod
-    def _encode(self, text: str) -> list[int]:
-        """Plain text, no BOS; special-token text like "</s>" stays text, so prompts cannot forge them."""
+    def _encode(self, text: str, special: bool) -> list[int]:
+        """Text, no BOS. special=False: special-token text like "</s>" stays text, so prompts cannot forge
+        them; True: it becomes its token, as llama.cpp and transformers tokenize a prompt."""
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str:
         """Text of ids that are all in the vocabulary and not special."""
 
     @abstractmethod
-    def _encode_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        """The whole conversation in the model's format, ready for the assistant's answer; `tools`:
-        OpenAI function definitions the model may call (tools.py)."""
+    def _encode_chat(self, messages: list[dict], tools: list[dict] | None, *, add_generation_prompt: bool,
+                     continue_final_message: bool, chat_template: str | None) -> list[int]:
+        """The whole conversation in the model's format; message contents stay text (see `_encode`);
+        `tools`: OpenAI function definitions the model may call (tools.py)."""
 
-    def encode(self, text: str, *, bos: bool = False) -> list[int]:
+    def encode(self, text: str, *, bos: bool = False, special: bool = False) -> list[int]:
+        """`special`: parse special-token text ("<|im_start|>", "[INST]") into those tokens, for prompts a
+        client formatted itself. A text that starts with BOS already gets no second one."""
         if bos and self.bos_id is None:
             raise InputError("this tokenizer has no BOS token; encode with bos=False")
-        ids = self._encode(text)
-        return [self.bos_id, *ids] if bos else ids
+        ids = self._encode(text, special)
+        return [self.bos_id, *ids] if bos and ids[:1] != [self.bos_id] else ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens and ids outside the vocabulary (padded embeddings) decode to nothing."""
         return self._decode([i for i in ids if self.is_text(i)])
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, chat_template: str | None = None) -> list[int]:
         """`messages` as the OpenAI API gives them: [{"role": "system"|"user"|"assistant"|"tool", "content": ...}]
-        (assistant turns may carry `tool_calls`, tool turns a `tool_call_id`)."""
+        (assistant turns may carry `tool_calls`, tool turns a `tool_call_id`); `tools`: the functions it may call.
+
+        As vLLM and transformers take them: `add_generation_prompt` ends with the assistant's turn opened
+        (a Mistral format always does); `continue_final_message` leaves the last message open, for the
+        model to continue it (assistant prefill); `chat_template` renders with this Jinja template
+        instead of the model's (Hugging Face and GGUF tokenizers only)."""
         if not messages:
             raise InputError("a chat needs at least one message")
-        return self._encode_chat([_plain_message(m, i) for i, m in enumerate(messages)], tools or None)
+        if add_generation_prompt and continue_final_message:
+            raise InputError("continue_final_message needs add_generation_prompt off: the last message is "
+                             "continued, no new turn is opened")
+        return self._encode_chat([_plain_message(m, i) for i, m in enumerate(messages)], tools or None,
+                                 add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message, chat_template=chat_template)
+
+    def set_chat_template(self, template: str, source: str) -> None:
+        """Render every chat with `template` (Jinja) from now on; `source` names it in errors."""
+        raise ChatTemplateError(f"{source}: {NO_JINJA}")
 
     def is_text(self, token_id: int) -> bool:
         """True for a token that decodes to text (not a special token, inside the vocabulary)."""
