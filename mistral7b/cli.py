@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several prompts run one after another")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the model's chat format")
     p.add_argument("--system", help="with --chat: a system prompt")
+    p.add_argument("--safe-prompt", action="store_true", help="with --chat: prepend Mistral's guardrail system prompt")
     p.add_argument("--prompt-ids", metavar="IDS", help="a prompt as comma-separated token ids (e.g. 1,2,3) instead of text")
     p.add_argument("--output-ids", action="store_true",
                    help="after the text, print the generated token ids as one comma-separated line")
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stdin too (one user turn per line). The KV cache is kept between turns, so "
                                    "each turn only processes its new tokens.")
     p.add_argument("--system", help="system prompt for the conversation")
+    p.add_argument("--tools", metavar="FILE", help="a JSON file of OpenAI tool (function) definitions the model may "
+                   "call; calls are shown, and `/result TEXT` sends a call's result back")
+    p.add_argument("--safe-prompt", action="store_true", help="prepend Mistral's guardrail system prompt (the "
+                   "Mistral 7B paper, section 5.1)")
     p.add_argument("--max-len", type=int, metavar="N",
                    help="KV cache length for models without sliding window (default: the model's context)")
     _model_flags(p)
@@ -215,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the written weights (auto: keep)")
     _tokenizer_flag(p)
     p.set_defaults(run=_run_merge)
+
+    p = sub.add_parser("moderate", help="classify texts against the Mistral 7B paper's moderation categories",
+                       description="Content moderation by self-reflection (the Mistral 7B paper, section 5.2): "
+                                   "the model classifies each text as acceptable or into one category (illegal, "
+                                   "hateful, unqualified-advice), its answer constrained to those labels. Prints "
+                                   "one line per text (or --json, OpenAI's moderation shape). A small model is a "
+                                   "weak judge: the mechanism is what this ships.")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    p.add_argument("--json", action="store_true", help="print OpenAI's moderation response as JSON")
+    _model_flags(p)
+    p.set_defaults(run=_run_moderate)
 
     p = sub.add_parser("info", help="describe a checkpoint", description="Print what a checkpoint is: format, "
                        "architecture, parameter count, sliding window, dtypes and size on disk.")
@@ -384,8 +400,11 @@ def _run_generate(args) -> None:
             raise InputError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     model, tokenizer = _load(args, need_tokenizer=not args.prompt_ids)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.safe_prompt and not args.chat:
+        raise InputError("--safe-prompt needs --chat (it is a system prompt)")
     if args.chat:
-        prompts = [tokenizer.encode_chat(system + [{"role": "user", "content": t}]) for t in texts]
+        prompts = [tokenizer.encode_chat(_safe(system + [{"role": "user", "content": t}], args.safe_prompt))
+                   for t in texts]
     elif texts:
         prompts = [tokenizer.encode(t, bos=tokenizer.add_bos and not args.no_bos) for t in texts]
     engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max(map(len, prompts)) + params.max_tokens,
@@ -410,7 +429,8 @@ def _run_chat(args) -> None:
     model, tokenizer = _load(args)
     _build_kernels(args.device)  # before the prompt, not in an answer
     session = ChatSession(model, tokenizer, params, system=args.system, max_len=args.max_len,
-                          chunk_size=args.chunk_size)
+                          chunk_size=args.chunk_size, tools=_read_tools(args.tools) if args.tools else None,
+                          safe_prompt=args.safe_prompt)
     interactive = sys.stdin.isatty()
     print(_chat_header(args, model, session.engine.max_model_len), file=sys.stderr)
     if interactive:
@@ -436,8 +456,12 @@ def _run_chat(args) -> None:
             session.reset()
             print("(conversation reset)", file=sys.stderr)
             continue
+        result = text.removeprefix("/result").strip() if text.startswith("/result") else None
+        if result is not None and not session.last_calls:
+            print("error: /result answers tool calls, and the last answer made none", file=sys.stderr)
+            continue
         try:
-            for piece in session.send(text):
+            for piece in session.send(text) if result is None else session.send_tool_result(result):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -447,8 +471,28 @@ def _run_chat(args) -> None:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
+        for call in session.last_calls:
+            print(f"[tool call {call.id}] {call.name}({call.arguments}): run it, then send /result TEXT", file=sys.stderr)
         print(_stats(session.last), file=sys.stderr)
     session.close()
+
+
+def _safe(messages: list[dict], safe_prompt: bool) -> list[dict]:
+    from .guardrails import with_safe_prompt
+
+    return with_safe_prompt(messages) if safe_prompt else messages
+
+
+def _read_tools(path: str) -> list[dict]:
+    """A JSON file of OpenAI tool definitions (a list, or {"tools": [...]})."""
+    try:
+        tools = json.loads(_read_text(path, "--tools"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"--tools {path}: not valid JSON ({e})") from None
+    tools = tools.get("tools") if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not tools:
+        raise InputError(f"--tools {path}: expected a list of tools ({{\"type\": \"function\", \"function\": ...}})")
+    return tools
 
 
 def _build_kernels(device: str) -> None:
@@ -602,6 +646,28 @@ def _run_merge(args) -> None:
     save(model, out, format=args.to)
     _save_tokenizer(args.tokenizer or args.model, out)
     print(f"wrote merged {args.to} checkpoint to {out}", file=sys.stderr)
+
+
+def _run_moderate(args) -> None:
+    from .engine import Engine, Request
+    from .guardrails import moderation_messages, moderation_params, moderation_result
+
+    model, tokenizer = _load(args)
+    engine = Engine(model, tokenizer, max_num_seqs=len(args.texts), max_model_len=None if model.args.sliding_window
+                    else min(model.args.max_seq_len or 4096, 4096))
+    requests = [engine.add_request(Request(tokenizer.encode_chat(moderation_messages(t)), moderation_params()))
+                for t in args.texts]
+    outputs: dict[str, list] = {r.request_id: [] for r in requests}
+    while engine.has_work:
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    results = [moderation_result(tokenizer, outputs[r.request_id]) for r in requests]
+    if args.json:
+        print(json.dumps({"results": [r.to_openai() for r in results]}, indent=2))
+        return
+    for text, result in zip(args.texts, results):
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in result.scores.items())
+        print(f"{result.label}\t({scores})\t{text[:60]}")
 
 
 def _run_info(args) -> None:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import secrets
+import uuid
 from http import HTTPStatus
 from typing import Annotated, AsyncIterator, Callable
 
@@ -28,13 +29,14 @@ from ..engine import Engine, QueueFull, Request, SequenceOutput
 from ..engine.threaded import EngineFailure, ShuttingDown, ThreadedEngine
 from ..errors import InputError
 from ..sampling import SamplingError
+from ..guardrails import moderation_messages, moderation_params, moderation_result, with_safe_prompt
 from ..tools import check_tool_choice, check_tool_messages, check_tools, tool_format
 from . import responses
 from .access_log import AccessLog
 from .body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, ErrorResponse,
-                       TokenizeRequest)
+                       ModerationRequest, TokenizeRequest)
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +282,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
     serving.check_model(body.model)
     tokenizer = serving.tokenizer
     messages = _chat(body.messages)
+    if body.safe_prompt:
+        messages = with_safe_prompt(messages)
     check_tool_messages(messages)
     tools = check_tools(body.tools) if body.tools else []
     mode, name = check_tool_choice(body.tool_choice, tools)
@@ -295,6 +299,25 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
     shaper = responses.ChatCompletions(tokenizer, serving.model_name, ids, body, calls.parser if calls else None)
     return await _answer(serving, [Request(ids, params)], shaper, body, http)
+
+
+@v1.post("/moderations")
+async def moderations(body: ModerationRequest, http: HTTPRequest, serving: ServingDep):
+    """OpenAI's moderation API, answered by the served model's self-reflection (guardrails.py)."""
+    serving.check_model(body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise APIError(400, "input must not be empty", param="input")
+    encode = serving.tokenizer.encode_chat
+    prompts = await run_in_threadpool(lambda: [encode(moderation_messages(_unicode(t, "input"))) for t in texts])
+    requests = [Request(ids, moderation_params()) for ids in prompts]
+    streams = await serving.worker.submit(requests)
+    try:
+        results = await _collect(streams, http)
+    finally:
+        serving.worker.release(requests)
+    return {"id": f"modr-{uuid.uuid4().hex}", "model": serving.model_name,
+            "results": [moderation_result(serving.tokenizer, outputs).to_openai() for outputs in results]}
 
 
 async def _answer(serving: Serving, requests: list[Request], shaper, body, http: HTTPRequest):

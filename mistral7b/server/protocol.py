@@ -151,7 +151,13 @@ class ChatCompletionRequest(_ChatFormat, _Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
+    safe_prompt: bool = False  # Mistral's API: prepend the guardrail system prompt (guardrails.py)
     parallel_tool_calls: bool = True
+
+
+class ModerationRequest(BaseModel):
+    model: str | None = None
+    input: Union[str, list[str]]
 
 
 class TokenizeRequest(_ChatFormat):
