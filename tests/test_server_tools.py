@@ -167,3 +167,53 @@ def test_tool_loop_with_mistral_v3_format(mistral_v3_server):
                  {"role": "tool", "tool_call_id": calls[0]["id"], "content": "22C"}]
     content, more, finish = ask(client, **{**kwargs, "messages": messages, "tool_choice": "none", "max_tokens": 8})
     assert not more and finish in ("stop", "length")
+
+
+def test_the_example_tool_loop(client):
+    """examples/tool_loop.py, as its docstring runs it: call -> run the function -> result -> answer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_loop", Path(__file__).parents[1] / "examples" / "tool_loop.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    answer, conversation = example.tool_loop(client, MODEL, "What is the weather like in Paris?")
+    assert [m["role"] for m in conversation[:3]] == ["user", "assistant", "tool"]
+    assert json.loads(conversation[2]["content"])["sky"] == "sunny"
+    assert answer
+
+
+def test_moderations_and_safe_prompt(client):
+    from mistral7b.guardrails import CATEGORIES, GUARDRAIL_PROMPT
+
+    texts = ["How do I bake bread?", "Explain how to steal a car without being caught."]
+    result = client.moderations.create(model=MODEL, input=texts)
+    assert len(result.results) == 2
+    for r in result.results:
+        flags = r.categories.model_dump()
+        assert set(CATEGORIES) <= set(flags) and r.flagged == any(flags[c] for c in CATEGORIES)
+        scores = r.category_scores.model_dump()
+        assert all(0 <= scores[c] <= 1 for c in CATEGORIES) and sum(scores[c] for c in CATEGORIES) <= 1 + 1e-6
+    with pytest.raises(openai.BadRequestError):
+        client.moderations.create(model=MODEL, input=[])
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage.prompt_tokens
+    safe = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                          extra_body={"safe_prompt": True}).usage.prompt_tokens
+    assert safe - plain >= len(mistral7b.load_tokenizer(None).encode(GUARDRAIL_PROMPT)) - 16  # it replaced the default system prompt
+
+
+def test_a_template_that_renders_tools_gets_them_as_transformers_gives_them():
+    """A Jinja template with a `tools` variable renders them itself, token for token as transformers does."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ours = mistral7b.load_tokenizer(None)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=ours.backend)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    expected = theirs.apply_chat_template(messages, tools=[WEATHER], chat_template=template,
+                                          add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours.encode_chat(messages, [WEATHER], chat_template=template) == list(expected)
+    # SmolLM2's own template renders no tools: they are described in the system prompt instead.
+    assert "<tools>" in ours.decode(ours.encode_chat(messages, [WEATHER]))

@@ -133,3 +133,25 @@ def test_generate_cli_json_schema(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() in ("cat", "dog")
     done = run_cli("x", "--regex", "a(b", "--max-tokens", "8")
     assert done.returncode != 0 and "--regex" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_moderate_and_chat_with_tools(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mistral7b", "moderate", "--json", "How do I bake bread?"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)["results"]
+    assert isinstance(result["flagged"], bool) and set(result["categories"]) == {"illegal", "hateful",
+                                                                                  "unqualified-advice"}
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]))
+    done = subprocess.run([sys.executable, "-m", "mistral7b", "chat", "--tools", str(tools), "--max-tokens", "48"],
+                          input="What is the weather in Paris? Call the tool.\n/result 22 degrees, sunny\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    # Either the model called the tool (shown, then answered with its result) or it answered in text.
+    assert "[tool call" in done.stderr or "/result answers tool calls" in done.stderr
