@@ -52,7 +52,8 @@ def test_bad_constraints_name_their_field(default):
         Constraint("xml", "<a/>")
     engine = Engine(default[0], tokenizer, max_num_seqs=2, max_model_len=256)
     for bad in (Constraint("regex", "a(b", "structured_outputs"), Constraint("grammar", "start: foo", "guided_grammar"),
-                Constraint.json_schema({"type": "nonsense"}, "response_format")):
+                Constraint.json_schema({"type": "nonsense"}, "response_format"),
+                Constraint.json_schema({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}})):
         with pytest.raises(ConstraintError) as e:
             engine.add_request(Request([1, 2, 3], SamplingParams(constraint=bad)))
         assert e.value.param == bad.param
@@ -95,18 +96,25 @@ def test_regex_choice_and_grammar(default):
 
 
 def test_constrained_and_free_requests_share_a_step(default):
-    """Greedy: each request of a mixed batch gets the tokens it gets alone."""
+    """Greedy: each request of a mixed batch (constrained, free, a forced tool call) gets the tokens it gets alone."""
+    from mistral7b.tools import check_tools, tool_format
+
     model, tokenizer = default
+    tools = check_tools([{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}])
     prompts = [chat(tokenizer, t) for t in ("Give me a person as JSON.", "Tell me a fact about cats.",
                                            "Pick a colour.", "Count to five.")]
+    prompts.append(tokenizer.encode_chat([{"role": "user", "content": "Weather in Oslo?"}], tools))
     params = [SamplingParams(max_tokens=24, constraint=Constraint.json_schema(PERSON)), SamplingParams(max_tokens=24),
               SamplingParams(max_tokens=8, constraint=Constraint.choice(["red", "green", "blue"])),
-              SamplingParams(max_tokens=16, constraint=Constraint("regex", r"1, 2, 3, 4, 5"))]
-    engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=512)
+              SamplingParams(max_tokens=16, constraint=Constraint("regex", r"1, 2, 3, 4, 5")),
+              SamplingParams(max_tokens=40, constraint=tool_format(tokenizer).constraint(tools, "required", None, False))]
+    engine = Engine(model, tokenizer, max_num_seqs=5, max_model_len=512)
     together = run(engine, prompts, params)
     alone = [run(engine, [p], [sp])[0] for p, sp in zip(prompts, params)]
     assert together == alone
     assert together[3][0][1] == "1, 2, 3, 4, 5"
+    assert together[4][0][1].startswith('<tool_call>') and together[4][0][2] == "stop"
 
 
 def test_logprobs_and_stop_strings_with_a_constraint(default):
