@@ -217,3 +217,28 @@ def test_a_template_that_renders_tools_gets_them_as_transformers_gives_them():
     assert ours.encode_chat(messages, [WEATHER], chat_template=template) == list(expected)
     # SmolLM2's own template renders no tools: they are described in the system prompt instead.
     assert "<tools>" in ours.decode(ours.encode_chat(messages, [WEATHER]))
+
+
+def test_prompt_logprobs(client):
+    """vLLM's prompt_logprobs: per prompt token its log-probability, rank and the k most likely, equal to
+    what echo + logprobs scores; on chat beside the choices; streamed with the first chunk."""
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                    extra_body={"prompt_logprobs": 2})
+    scores = out.choices[0].model_extra["prompt_logprobs"]
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    legacy = echoed.choices[0].logprobs.token_logprobs
+    assert scores[0] is None and legacy[0] is None and len(scores) == len(legacy)
+    ids = mistral7b.load_tokenizer(None).encode(prompt)
+    for token, entry, lp in zip(ids[1:], scores[1:], legacy[1:]):
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(lp, abs=1e-4) and mine["rank"] >= 1
+        assert len(entry) <= 3 and all(e["rank"] <= 2 or t == str(token) for t, e in entry.items())
+    streamed = [c for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, stream=True,
+                                                     extra_body={"prompt_logprobs": 2})]
+    assert streamed[0].choices[0].model_extra["prompt_logprobs"] == scores
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    chat_scores = chat.model_extra["prompt_logprobs"]
+    assert chat_scores[0] is None and len(chat_scores) == chat.usage.prompt_tokens
+    assert all(len(entry) == 1 for entry in chat_scores[1:])

@@ -442,10 +442,11 @@ def _logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[T
     if not targets:
         return []
     log_probs = torch.log_softmax(logits[:len(targets)], dim=-1)
-    chosen = log_probs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+    chosen = log_probs.gather(1, torch.tensor(targets, device=logits.device)[:, None])  # [N, 1]
+    ranks = ((log_probs > chosen).sum(dim=1) + 1).tolist()
     top = torch.topk(log_probs, max(ks), dim=-1) if max(ks) else None
     entries = []
-    for i, (token, lp, k) in enumerate(zip(targets, chosen, ks)):
+    for i, (token, lp, k, rank) in enumerate(zip(targets, chosen.squeeze(1).tolist(), ks, ranks)):
         alternatives = list(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist())) if k else []
-        entries.append(TokenLogprob(token, lp, alternatives))
+        entries.append(TokenLogprob(token, lp, alternatives, rank))
     return entries

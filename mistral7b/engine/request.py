@@ -20,6 +20,7 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # the k most likely (token, logprob)
+    rank: int = 1  # 1 + how many tokens were more likely
 
 
 @dataclass

@@ -270,8 +270,9 @@ async def completions(body: CompletionRequest, http: HTTPRequest, serving: Servi
     requests = []
     for ids in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else serving.default_max_tokens(len(ids))
-        params = body.sampling(max_tokens=max_tokens, logprobs=body.logprobs,
-                               prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+        echoed = body.logprobs if body.echo else None  # echo + logprobs score the prompt too
+        asked = [k for k in (echoed, body.prompt_logprobs) if k is not None]
+        params = body.sampling(max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=max(asked, default=None))
         requests.append(Request(ids, params))
     shaper = responses.Completions(serving.tokenizer, serving.model_name, prompts, body)
     return await _answer(serving, requests, shaper, body, http)
@@ -296,7 +297,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest, servi
     ids = await run_in_threadpool(_encode_chat, tokenizer, body, messages, tools if calls else None)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = body.sampling(max_tokens=max_tokens if max_tokens is not None else serving.default_max_tokens(len(ids)),
-                           logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
+                           logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                           prompt_logprobs=body.prompt_logprobs, constraint=constraint)
     shaper = responses.ChatCompletions(tokenizer, serving.model_name, ids, body, calls.parser if calls else None)
     return await _answer(serving, [Request(ids, params)], shaper, body, http)
 

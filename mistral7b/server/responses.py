@@ -42,6 +42,24 @@ class _Shaper:
     def token_text(self, token: int) -> str:
         return self._names.get(token) if token in self._names else self.tokenizer.decode([token])
 
+    def prompt_logprobs(self, prompt: list[int], entries: list[TokenLogprob | None] | None) -> list | None:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first), {token id: {logprob, rank,
+        decoded_token}} for the token itself and the `prompt_logprobs` most likely alternatives."""
+        if self.body.prompt_logprobs is None:
+            return None
+        out: list[dict | None] = [None]
+        k = self.body.prompt_logprobs
+        for token, entry in zip(prompt[1:], (entries or [None])[1:]):
+            if entry is None:
+                out.append(None)
+                continue
+            scores = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": self.token_text(t)}
+                      for r, (t, lp) in enumerate(entry.top[:k])}
+            scores.setdefault(str(token), {"logprob": entry.logprob, "rank": entry.rank,
+                                           "decoded_token": self.token_text(token)})
+            out.append(scores)
+        return out
+
     def visible(self, entries: list[TokenLogprob], finish_reason: str | None) -> list[TokenLogprob]:
         """Generated entries without a final stop token (it has no text)."""
         if finish_reason == "stop" and entries and entries[-1].token in self.stop_ids:
@@ -128,6 +146,8 @@ class Completions(_Shaper):
                                                      self.echo)
                 choices.append({"index": p * self.n + j, "text": prompt_text + c["text"], "logprobs": logprobs,
                                 "finish_reason": c["finish"]})
+                if self.body.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = self.prompt_logprobs(self.prompts[p], c["prompt"])
         return {**self._head(), "choices": choices, "usage": self.usage()["usage"]}
 
     async def stream(self, merged: AsyncIterator[tuple[int, SequenceOutput]]) -> AsyncIterator[dict]:
@@ -142,9 +162,11 @@ class Completions(_Shaper):
             if self.k is not None:
                 logprobs = self._choice_logprobs(self.prompts[p], out.prompt_logprobs,
                                                  self.visible(out.new_logprobs, out.finish_reason), self.echo and first)
-            if text or out.finish_reason or (logprobs and logprobs["tokens"]):
-                yield {**self._head(), "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                                    "finish_reason": out.finish_reason}]}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self.prompt_logprobs(self.prompts[p], out.prompt_logprobs)
+            if text or out.finish_reason or (logprobs and logprobs["tokens"]) or "prompt_logprobs" in choice:
+                yield {**self._head(), "choices": [choice]}
 
 
 class ChatCompletions(_Shaper):
@@ -155,7 +177,7 @@ class ChatCompletions(_Shaper):
                  tool_parser: Callable[[], ToolCallParser] | None = None):
         """tool_parser: makes the parser of the model's tool calls, when the request has tools."""
         super().__init__(tokenizer, model_name, body)
-        self.prompt_tokens = len(prompt)
+        self.prompt, self.prompt_tokens = prompt, len(prompt)
         self.k = (body.top_logprobs or 0) if body.logprobs else None
         self.tool_parser = tool_parser
         self.echo = _echo(body)
@@ -183,7 +205,10 @@ class ChatCompletions(_Shaper):
                     message["tool_calls"] = [call.to_openai() for call in calls]
                     finish = _tool_finish(finish)
             choices.append({"index": j, "message": message, "logprobs": logprobs, "finish_reason": finish})
-        return {**self._head(), "choices": choices, "usage": self.usage()["usage"]}
+        body = {**self._head(), "choices": choices, "usage": self.usage()["usage"]}
+        if self.body.prompt_logprobs is not None:  # vLLM puts a chat's beside its choices
+            body["prompt_logprobs"] = self.prompt_logprobs(self.prompt, _group(outputs)[0]["prompt"])
+        return body
 
     async def stream(self, merged: AsyncIterator[tuple[int, SequenceOutput]]) -> AsyncIterator[dict]:
         head = self._head("chunk")
@@ -199,7 +224,10 @@ class ChatCompletions(_Shaper):
             if i not in parsers:  # the role comes first, in a chunk of its own
                 parsers[i] = self.tool_parser() if self.tool_parser is not None else None
                 calls_made[i] = 0
-                yield chunk(i, {"role": "assistant", "content": ""})
+                first = chunk(i, {"role": "assistant", "content": ""})
+                if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+                    first["prompt_logprobs"] = self.prompt_logprobs(self.prompt, out.prompt_logprobs)
+                yield first
                 if self.echo:
                     yield chunk(i, {"content": self.echo})
             self.count(0, out)
