@@ -151,6 +151,9 @@ class KVCache:
         self.hash_of: dict[int, int] = {}  # published block -> its hash
         self.by_hash: dict[int, int] = {}
         self._arange = torch.arange(block_size, device=device)
+        # Positions kept past the window, so that a step's last `rollback` positions can be cut out
+        # again (speculative decoding's rejected guesses) without losing keys the window still sees.
+        self.rollback = 0
 
     @property
     def device(self) -> torch.device:
@@ -395,7 +398,7 @@ class KVCache:
         for r, n in zip(range(len(seqlens)) if rows is None else rows, seqlens):
             self.lengths[r] += n
             if self.window is not None:
-                self._forget_before(r, self.lengths[r] - self.window + 1)
+                self._forget_before(r, self.lengths[r] - self.window + 1 - self.rollback)
 
     def nbytes_per_block(self) -> int:
         return 2 * self.k[:, 0].numel() * self.k.element_size()

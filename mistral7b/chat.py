@@ -31,10 +31,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class ChatSession:
     def __init__(self, model: Transformer, tokenizer, params: SamplingParams, *, system: str | None = None,
                  max_len: int | None = None, chunk_size: int | None = None, tools: list[dict] | None = None,
-                 safe_prompt: bool = False):
+                 safe_prompt: bool = False, speculative=None):
         """tools: OpenAI function definitions the model may call ("auto"); its calls are parsed into
         `last_calls`, and `send_tool_result` answers them. safe_prompt: Mistral's guardrail system prompt
-        before the system prompt (guardrails.py)."""
+        before the system prompt (guardrails.py). speculative: a SpeculativeConfig (speculative.py)."""
         self.tokenizer, self.system, self.safe_prompt = tokenizer, system, safe_prompt
         self.tools = check_tools(tools) if tools else None
         self.calls = tool_format(tokenizer) if self.tools else None
@@ -42,7 +42,8 @@ class ChatSession:
             params = dataclasses.replace(params, constraint=self.calls.constraint(self.tools, "auto", None, True))
         self.params = params
         self.last_calls: list[ToolCall] = []  # the calls of the last answer, until their results are sent
-        self.engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max_len, chunk_size=chunk_size)
+        self.engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max_len, chunk_size=chunk_size,
+                             speculative=speculative)
         self.row = self.engine.reserve_row()  # the conversation's sequence, kept between turns
         self.reset()
 

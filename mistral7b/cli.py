@@ -110,6 +110,30 @@ def _read_text(path: str, flag: str) -> str:
         raise InputError(f"{flag} {path}: cannot read it ({e.strerror})") from None
 
 
+def _speculative_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (more tokens per read of the weights, same output)")
+    g.add_argument("--speculative", choices=("ngram",),
+                   help="ngram: guess the continuation of the latest earlier occurrence of the last few tokens "
+                        "(prompt lookup) and verify the guesses in one forward; pays on input-grounded text "
+                        "(summaries, edits, quoting answers). Greedy output is exactly the same; sampled output "
+                        "has the same distribution")
+    g.add_argument("--num-speculative-tokens", type=int, default=5, metavar="K", help="guesses per step (default: 5)")
+    g.add_argument("--ngram-min", type=int, default=2, metavar="N", help="shortest suffix looked up (default: 2)")
+    g.add_argument("--ngram-max", type=int, default=4, metavar="N", help="longest suffix looked up (default: 4)")
+
+
+def _speculative(args):
+    """The speculative flags -> a SpeculativeConfig, or None."""
+    from .speculative import SpeculativeConfig
+
+    if not getattr(args, "speculative", None):
+        return None
+    try:
+        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral7b",
@@ -132,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tp_flag(p)
     _sampling_flags(p, max_tokens=256)
     _structured_flags(p)
+    _speculative_flags(p)
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat, streaming",
@@ -149,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _tp_flag(p)
     _sampling_flags(p, max_tokens=512)
+    _speculative_flags(p)
     p.set_defaults(run=_run_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
@@ -372,9 +398,14 @@ def _params(args) -> SamplingParams:
         raise InputError(str(e)) from None
 
 
-def _stats(completion) -> str:
+def _stats(completion, engine) -> str:
+    spec = ""
+    if engine.speculative is not None and engine.spec_steps_total:
+        rate = engine.spec_accepted_total / max(1, engine.spec_proposed_total)
+        spec = (f", {rate:.0%} of {engine.spec_proposed_total} guesses accepted, "
+                f"{engine.spec_accepted_total / engine.spec_steps_total:.2f} per verification")
     return (f"[{len(completion.tokens)} tokens, {completion.tokens_per_second:.1f} tok/s, "
-            f"first token after {completion.prompt_seconds:.2f} s]")
+            f"first token after {completion.prompt_seconds:.2f} s{spec}]")
 
 
 def _run_generate(args) -> None:
@@ -408,7 +439,7 @@ def _run_generate(args) -> None:
     elif texts:
         prompts = [tokenizer.encode(t, bos=tokenizer.add_bos and not args.no_bos) for t in texts]
     engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=max(map(len, prompts)) + params.max_tokens,
-                    chunk_size=args.chunk_size)
+                    chunk_size=args.chunk_size, speculative=_speculative(args))
     for prompt in prompts:
         completion = CompletionStream(engine, prompt, params)
         for piece in completion:
@@ -416,7 +447,7 @@ def _run_generate(args) -> None:
             sys.stdout.flush()
         if tokenizer is not None:
             sys.stdout.write("\n")
-        print(_stats(completion), file=sys.stderr)
+        print(_stats(completion, engine), file=sys.stderr)
         if args.output_ids:
             print(",".join(map(str, completion.tokens)))
         sys.stdout.flush()
@@ -430,7 +461,7 @@ def _run_chat(args) -> None:
     _build_kernels(args.device)  # before the prompt, not in an answer
     session = ChatSession(model, tokenizer, params, system=args.system, max_len=args.max_len,
                           chunk_size=args.chunk_size, tools=_read_tools(args.tools) if args.tools else None,
-                          safe_prompt=args.safe_prompt)
+                          safe_prompt=args.safe_prompt, speculative=_speculative(args))
     interactive = sys.stdin.isatty()
     print(_chat_header(args, model, session.engine.max_model_len), file=sys.stderr)
     if interactive:
@@ -473,7 +504,7 @@ def _run_chat(args) -> None:
         sys.stdout.flush()
         for call in session.last_calls:
             print(f"[tool call {call.id}] {call.name}({call.arguments}): run it, then send /result TEXT", file=sys.stderr)
-        print(_stats(session.last), file=sys.stderr)
+        print(_stats(session.last, session.engine), file=sys.stderr)
     session.close()
 
 
@@ -534,7 +565,7 @@ def _run_serve(args) -> None:
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
                     max_queue=args.max_queue, n_blocks=kv_blocks(model, args.kv_cache_gb),
-                    prefix_caching=not args.no_prefix_caching)
+                    prefix_caching=not args.no_prefix_caching, speculative=_speculative(args))
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                      allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,

@@ -127,11 +127,10 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, vocab] (fp32) -> token ids [B]. temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return greedy(logits)
+def probabilities(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """logits [B, vocab] (fp32) -> the distribution sampling draws from [B, vocab]: temperature, then
+    top-k, min-p and top-p filtering (not renormalized: torch.multinomial takes weights). temperature > 0."""
     # Huge logits (a tiny repetition_penalty) overflow to inf, and softmax turns inf into NaN.
     logits = torch.nan_to_num(logits / temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max,
                               neginf=float("-inf"))
@@ -145,7 +144,14 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p * sorted_probs.sum(dim=-1, keepdim=True)
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, vocab] (fp32) -> token ids [B]. temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return greedy(logits)
+    probs = probabilities(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -29,6 +29,7 @@ from ..model import Transformer
 from ..runner import Runner
 from .prefix import extend_hashes
 from ..sampling import apply_logit_bias, apply_penalties, greedy, sample
+from ..speculative import SpeculativeConfig, propose_ngram, verify
 from ..structured import Grammars, mask_logits
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
@@ -81,7 +82,8 @@ class Engine:
     def __init__(self, model: Transformer | StepModel, tokenizer=None, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_tokens_per_step: int = 256,
                  chunk_size: int | None = None, max_queue: int = 1024, n_blocks: int | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, speculative: SpeculativeConfig | None = None):
+        """speculative: guess tokens and verify them in the decode steps (speculative.py)."""
         # The engine runs models through a Runner (routes, fused projections, native weights).
         self.model: StepModel = Runner(model) if isinstance(model, Transformer) else model
         self.tokenizer = tokenizer
@@ -94,6 +96,11 @@ class Engine:
         pool = {"n_blocks": n_blocks} if n_blocks else {}
         self.cache = model.new_cache(max_num_seqs, self.max_model_len, **pool)
         self.prefix_caching = prefix_caching and self.model.shares_blocks
+        if speculative is not None and not isinstance(self.model, Runner):
+            raise InputError("speculative decoding runs in one process (not with --tp)")
+        self.speculative = speculative
+        if speculative is not None:  # rejected guesses are cut out again: keep that much past the window
+            self.cache.rollback = speculative.num_tokens
         self.max_num_seqs = max_num_seqs
         self.chunk_size = chunk_size or default_chunk_size(model.args, max_tokens_per_step)
         self.max_tokens_per_step = max(max_tokens_per_step, max_num_seqs)
@@ -107,6 +114,9 @@ class Engine:
         self.prefix_queries_total = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits_total = 0  # of which found there
         self.preemptions_total = 0
+        self.spec_proposed_total = 0  # guessed tokens fed to verification
+        self.spec_accepted_total = 0  # of which the model agreed with
+        self.spec_steps_total = 0  # verifications (sequence-steps with guesses)
         # Structured outputs: the compiler (its vocabulary is built with the first constraint, ~1 s).
         self.grammars = Grammars(tokenizer, self.model.args.vocab_size) if tokenizer is not None else None
 
@@ -213,13 +223,14 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return []
-        pieces = [s.context[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] for s, n in batch]
+        pieces = [s.context[s.prefilled:s.prefilled + n] if s.prefilling else s.tokens[-1:] + s.drafts
+                  for s, n in batch]
         seqlens = [len(p) for p in pieces]
         ends = torch.tensor(seqlens).cumsum(0).tolist()
-        # Logits are needed at every position of a chunk whose prompt logprobs were asked for,
-        # else only at the last position of each piece.
-        wanted = [torch.arange(e - n, e) if s.prefilling and not s.tokens and s.params.prompt_logprobs is not None
-                  else torch.tensor([e - 1]) for (s, n), e in zip(batch, ends)]
+        # Logits are needed at every position of a chunk whose prompt logprobs were asked for and of
+        # a decode piece with guesses, else only at the last position of each piece.
+        wanted = [torch.arange(e - n, e) if (s.prefilling and not s.tokens and s.params.prompt_logprobs is not None)
+                  or (not s.prefilling and s.drafts) else torch.tensor([e - 1]) for (s, n), e in zip(batch, ends)]
         device = self.model.device
         logits = self.model(torch.tensor(sum(pieces, []), device=device), seqlens, self.cache,
                             rows=[s.row for s, _ in batch], output_rows=torch.cat(wanted).to(device))
@@ -310,9 +321,13 @@ class Engine:
             if victim is None:  # only reserved rows: the forward's CacheFull says so
                 break
             self._preempt(victim)
-        batch = [(s, 1) for s in decoding]
-        budget = self.max_tokens_per_step - len(batch)
         free = cache.free_blocks - sum(cache.blocks_needed(s.row, 1) for s in decoding)
+        for seq in decoding:
+            seq.drafts = []
+        if self.speculative is not None and 0 < len(decoding) <= self.speculative.max_batch:
+            free = self._propose(decoding, free)
+        batch = [(s, 1 + len(s.drafts)) for s in decoding]
+        budget = self.max_tokens_per_step - sum(n for _, n in batch)
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 held_end = (cache.first[seq.row] + cache.held_blocks(seq.row) + free) * cache.block_size
@@ -331,10 +346,32 @@ class Engine:
             batch = [(seq, self.model.preferred_chunk(self.cache, seq.row, n) or n)]
         return batch
 
+    def _propose(self, decoding: list[Sequence], free: int) -> int:
+        """Guess tokens for the decoding sequences that can use them (`seq.drafts`), within their
+        max_tokens, the context and the free blocks; -> the blocks still free."""
+        spec = self.speculative
+        for seq in decoding:
+            p = seq.params
+            if seq.matcher is not None or p.penalized or not seq.backoff.ready():
+                continue
+            # Every guess accepted still leaves room for the model's own token after them.
+            # A piece longer than the window would cache only its last W positions: guesses stay within it.
+            room = min(spec.num_tokens, p.max_tokens - len(seq.tokens) - 1, self.cache.slots - 1)
+            if self.max_model_len is not None:
+                room = min(room, self.max_model_len - self.cache.lengths[seq.row] - 2)
+            drafts = propose_ngram(seq.context, room, spec.ngram_min, spec.ngram_max) if room > 0 else []
+            extra = self.cache.blocks_needed(seq.row, 1 + len(drafts)) - self.cache.blocks_needed(seq.row, 1)
+            if drafts and extra <= free:
+                seq.drafts, free = drafts, free - extra
+        return free
+
     def _process(self, batch: list[tuple[Sequence, int]], logits: tuple[torch.Tensor, ...]) -> list[SequenceOutput]:
         outputs: list[SequenceOutput] = []
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
         for (seq, n), rows in zip(batch, logits):
+            if not seq.prefilling and seq.drafts:  # the newest token and guesses: keep what the model agrees with
+                outputs.append(self._verify(seq, rows))
+                continue
             if not seq.prefilling:  # a decode step fed the newest token
                 seq.prefilled += 1
                 to_sample.append((seq, rows[-1]))
@@ -383,26 +420,60 @@ class Engine:
             if i in failures:
                 outputs.append(self._fail(seq, failures[i]))
                 continue
+            outputs.append(self._emit(seq, [token], entry))
+        return outputs
+
+    def _verify(self, seq: Sequence, rows: torch.Tensor) -> SequenceOutput:
+        """rows [1 + guesses, vocab]: the logits after the newest token and after each guess -> emit the
+        guesses the model agrees with and its own next token; the rejected guesses leave the cache."""
+        drafts = seq.drafts
+        apply_logit_bias(rows, [seq.params.logit_bias] * len(rows))
+        try:
+            tokens = verify(rows, drafts, seq.params, seq.generator)
+        except Exception as e:  # as in _sample: one request's failure ends it alone
+            log.exception("sampling failed for %s", seq.request.request_id)
+            return self._fail(seq, f"sampling failed: {e}")
+        accepted = len(tokens) - 1  # the last is the model's own
+        self.cache.truncate(seq.row, self.cache.lengths[seq.row] - (len(drafts) - accepted))
+        seq.prefilled += 1 + accepted
+        seq.backoff.record(accepted)
+        self.spec_steps_total += 1
+        self.spec_proposed_total += len(drafts)
+        self.spec_accepted_total += accepted
+        entries = []
+        if seq.params.logprobs is not None:
+            entries = _logprobs(rows, tokens, [seq.params.logprobs] * len(tokens))
+        return self._emit(seq, tokens, entries)
+
+    def _emit(self, seq: Sequence, tokens: list[int], entries: list[TokenLogprob]) -> SequenceOutput:
+        """Append a step's tokens to a sequence, one at a time, with stop and length checks (the first
+        that ends it drops the rest); -> what the step produced for it."""
+        # The cache holds the context but its newest token: as if the tokens had come one per step.
+        held = self.cache.lengths[seq.row] - len(tokens) + 1
+        text, emitted = "", 0
+        for token in tokens:
             seq.tokens.append(token)
+            emitted += 1
             self.generation_tokens_total += 1
-            text = ""
             if token in seq.stop_ids:
                 seq.finish_reason = "stop"
             elif seq.decoder is not None:
-                text = seq.stops.push(seq.decoder.push(token))
+                text += seq.stops.push(seq.decoder.push(token))
                 if seq.stops.stopped:
                     seq.finish_reason = "stop"
             if seq.finish_reason is None and seq.matcher is not None and seq.matcher.is_stopped():
                 seq.finish_reason = "stop"  # the grammar is complete: nothing may follow
-            if seq.finish_reason is None and (len(seq.tokens) >= seq.params.max_tokens or self._context_full(seq)):
+            full = self.max_model_len is not None and held + emitted >= self.max_model_len
+            if seq.finish_reason is None and (len(seq.tokens) >= seq.params.max_tokens or full):
                 seq.finish_reason = "length"
             if seq.finished:
-                if seq.decoder is not None and not seq.stops.stopped:
-                    text += seq.stops.push(seq.decoder.flush()) + seq.stops.flush()
-                self._release(seq)
-            seq.text += text
-            outputs.append(self._output(seq, [token], text, entry))
-        return outputs
+                break
+        if seq.finished:
+            if seq.decoder is not None and not seq.stops.stopped:
+                text += seq.stops.push(seq.decoder.flush()) + seq.stops.flush()
+            self._release(seq)
+        seq.text += text
+        return self._output(seq, tokens[:emitted], text, entries[:emitted])
 
     def _fail(self, seq: Sequence, error: str) -> SequenceOutput:
         """End one sequence with an error (its request fails, the batch goes on)."""
@@ -411,9 +482,6 @@ class Engine:
         output = self._output(seq, [], "", [])
         output.error = error
         return output
-
-    def _context_full(self, seq: Sequence) -> bool:
-        return self.max_model_len is not None and self.cache.lengths[seq.row] + 1 >= self.max_model_len
 
     def _release(self, seq: Sequence) -> None:
         if seq.request.row is None and seq.row is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import SamplingParams
+from ..speculative import Backoff
 from ..structured import Grammar
 from ..streaming import StopStrings
 
@@ -66,6 +67,8 @@ class Sequence:
         # n > 1 with a seed: sequence i draws from seed + i, so the n samples differ but reproduce.
         self.generator = torch.Generator().manual_seed(seed + index) if seed is not None else None
         self.matcher = request.grammar.matcher() if request.grammar is not None else None  # its grammar state
+        self.drafts: list[int] = []  # guessed tokens this step verifies (speculative decoding)
+        self.backoff = Backoff()
 
     @property
     def prompt(self) -> list[int]:

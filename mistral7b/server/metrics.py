@@ -22,6 +22,13 @@ class Metrics:
                                    registry=r)
         self.preemptions = Counter("mistral7b:num_preemptions", "Sequences preempted for KV cache blocks.",
                                    registry=r)
+        # Speculative decoding, with vLLM's names: acceptance rate = accepted / draft tokens, mean accepted
+        # length = accepted / drafts.
+        self.spec_drafts = Counter("mistral7b:spec_decode_num_drafts", "Verifications of guessed tokens.", registry=r)
+        self.spec_draft_tokens = Counter("mistral7b:spec_decode_num_draft_tokens", "Guessed tokens verified.",
+                                         registry=r)
+        self.spec_accepted = Counter("mistral7b:spec_decode_num_accepted_tokens", "Guessed tokens accepted.",
+                                     registry=r)
         self.prompt_tokens = Counter("mistral7b:prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.generation_tokens = Counter("mistral7b:generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("mistral7b:request_success", "Finished requests by finish reason.",
@@ -41,7 +48,10 @@ class Metrics:
                                (self.generation_tokens, engine.generation_tokens_total),
                                (self.prefix_queries, engine.prefix_queries_total),
                                (self.prefix_hits, engine.prefix_hits_total),
-                               (self.preemptions, engine.preemptions_total)):
+                               (self.preemptions, engine.preemptions_total),
+                               (self.spec_drafts, engine.spec_steps_total),
+                               (self.spec_draft_tokens, engine.spec_proposed_total),
+                               (self.spec_accepted, engine.spec_accepted_total)):
             counter.inc(total - self._counted.get(counter, 0))
             self._counted[counter] = total
 
