@@ -4,6 +4,7 @@ time on the same weights.
 
     python benchmarks/serve_concurrency.py [--requests 32] [--max-tokens 16] [--json out.json]
     python benchmarks/serve_concurrency.py --server-args "--quantize int4"   # the fast path
+    python benchmarks/serve_concurrency.py --llama-server PATH/llama-server   # and llama.cpp's server, same clients
 
 Prints a table (generated tokens/s, p50/p99 time to first token) and the ratio of 16-client to
 1-client throughput. Greedy decoding with ignore_eos, so every request generates exactly
@@ -15,19 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _server import start_server, stop_server  # noqa: E402
+from _server import free_port, start_server, stop_server  # noqa: E402
 
 import mistral7b  # noqa: E402
-from mistral7b.defaults import DEFAULT_MODEL_NAME  # noqa: E402
+from mistral7b.defaults import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
 
 TOPICS = ["the sea", "a mountain", "coffee", "the moon", "a library", "rain", "bicycles", "music"]
 
@@ -45,12 +48,15 @@ def one_request(client: openai.OpenAI, messages: list[dict], max_tokens: int) ->
     stream = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=max_tokens,
                                             temperature=0, stream=True, stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True})
+    pieces = 0
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and first is None:
-            first = time.perf_counter() - start
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces += 1
+            if first is None:
+                first = time.perf_counter() - start
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
-    return first or 0.0, tokens
+    return first or 0.0, tokens or pieces
 
 
 def run_concurrency(client, requests, max_tokens: int, clients: int) -> dict:
@@ -63,6 +69,23 @@ def run_concurrency(client, requests, max_tokens: int, clients: int) -> dict:
     return {"clients": clients, "requests": len(requests), "tokens": tokens, "seconds": wall,
             "tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttfts),
             "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def start_llama_server(binary: str, parallel: int) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server on the same GGUF file, `parallel` slots of 512 tokens, 2 threads."""
+    port = free_port()
+    proc = subprocess.Popen([binary, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(port),
+                             "--parallel", str(parallel), "-c", str(512 * parallel), "-t", "2", "--log-disable"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama-server did not start")
 
 
 def run_transformers(requests, max_tokens: int) -> dict:
@@ -101,6 +124,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--server-args", default="", help="extra `mistral7b serve` flags, e.g. '--quantize int4'")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers run")
+    parser.add_argument("--llama-server", metavar="PATH", help="also run the levels against llama.cpp's server "
+                        "(built from the llama-cpp-python sdist's vendor/llama.cpp: cmake --build build --target "
+                        "llama-server), --parallel 32 on the same GGUF")
     args = parser.parse_args()
 
     requests = workload(args.requests)
@@ -111,6 +137,15 @@ def main() -> None:
         rows = [run_concurrency(client, requests, args.max_tokens, int(c)) for c in args.levels.split(",")]
     finally:
         stop_server(proc)
+    if args.llama_server:
+        proc, url = start_llama_server(args.llama_server, 32)
+        try:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+            one_request(client, requests[0], 2)
+            rows += [{**run_concurrency(client, requests, args.max_tokens, int(c)), "clients": f"llama-server {c}"}
+                     for c in args.levels.split(",")]
+        finally:
+            stop_server(proc)
     if not args.no_peer:
         rows.append(run_transformers(requests, args.max_tokens))
 
@@ -122,6 +157,9 @@ def main() -> None:
     if 1 in by and 16 in by:
         summary["ratio_16_to_1"] = by[16]["tokens_per_s"] / by[1]["tokens_per_s"]
         print(f"16 clients / 1 client throughput: {summary['ratio_16_to_1']:.2f}x")
+    if 16 in by and "llama-server 16" in by:
+        summary["ratio_16_to_llama_server_16"] = by[16]["tokens_per_s"] / by["llama-server 16"]["tokens_per_s"]
+        print(f"16 clients: mistral7b / llama-server: {summary['ratio_16_to_llama_server_16']:.2f}x")
     if 16 in by and not args.no_peer:
         summary["ratio_16_to_transformers"] = by[16]["tokens_per_s"] / rows[-1]["tokens_per_s"]
         print(f"16 clients / transformers one at a time: {summary['ratio_16_to_transformers']:.2f}x")
