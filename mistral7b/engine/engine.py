@@ -471,6 +471,8 @@ class Engine:
         if seq.finished:
             if seq.decoder is not None and not seq.stops.stopped:
                 text += seq.stops.push(seq.decoder.flush()) + seq.stops.flush()
+            if emitted < len(tokens):  # ended inside a run of accepted guesses: a kept row holds no more
+                self.cache.truncate(seq.row, held + emitted - 1)
             self._release(seq)
         seq.text += text
         return self._output(seq, tokens[:emitted], text, entries[:emitted])
