@@ -112,11 +112,14 @@ def _read_text(path: str, flag: str) -> str:
 
 def _speculative_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (more tokens per read of the weights, same output)")
-    g.add_argument("--speculative", choices=("ngram",),
-                   help="ngram: guess the continuation of the latest earlier occurrence of the last few tokens "
-                        "(prompt lookup) and verify the guesses in one forward; pays on input-grounded text "
-                        "(summaries, edits, quoting answers). Greedy output is exactly the same; sampled output "
-                        "has the same distribution")
+    g.add_argument("--speculative", choices=("ngram", "draft"),
+                   help="guess tokens and verify them in one forward. ngram: the continuation of the latest "
+                        "earlier occurrence of the last few tokens (prompt lookup), which pays on input-grounded "
+                        "text (summaries, edits, quoting answers); draft: the greedy tokens of --draft-model. "
+                        "Greedy output is exactly the same; sampled output has the same distribution")
+    g.add_argument("--draft-model", metavar="PATH", help="with --speculative draft: a smaller model with the same "
+                   "tokenizer (any format we load)")
+    g.add_argument("--draft-quantize", choices=("int8", "int4"), help="quantize the draft model's weights")
     g.add_argument("--num-speculative-tokens", type=int, default=5, metavar="K", help="guesses per step (default: 5)")
     g.add_argument("--ngram-min", type=int, default=2, metavar="N", help="shortest suffix looked up (default: 2)")
     g.add_argument("--ngram-max", type=int, default=4, metavar="N", help="longest suffix looked up (default: 4)")
@@ -127,9 +130,19 @@ def _speculative(args):
     from .speculative import SpeculativeConfig
 
     if not getattr(args, "speculative", None):
+        if getattr(args, "draft_model", None):
+            raise InputError("--draft-model needs --speculative draft")
         return None
+    draft = None
+    if args.speculative == "draft":
+        from . import load
+
+        if not args.draft_model:
+            raise InputError("--speculative draft needs --draft-model PATH")
+        draft = load(args.draft_model, quantize=args.draft_quantize)
     try:
-        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max)
+        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
+                                 draft_model=draft)
     except ValueError as e:
         raise InputError(str(e)) from None
 

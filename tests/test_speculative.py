@@ -161,3 +161,27 @@ def test_bad_configs():
     for kwargs in (dict(num_tokens=0), dict(ngram_min=3, ngram_max=2), dict(method="draft")):
         with pytest.raises(ValueError):
             SpeculativeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_draft_model_greedy_equals_plain_decoding(window):
+    """A draft model's guesses: the target's own weights are always right; another model's guesses
+    still leave the target's output unchanged."""
+    model = make_tiny_model(vocab_size=16, sliding_window=window)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain, _ = run(model, prompts_for(16), params)
+    same, engine = run(model, prompts_for(16), params, SpeculativeConfig("draft", num_tokens=3, draft_model=model))
+    assert same == plain and engine.spec_accepted_total == engine.spec_proposed_total > 0
+    torch.manual_seed(5)
+    other = make_tiny_model(vocab_size=16, sliding_window=window, n_layers=1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spec, engine = run(model, prompts_for(16), params, SpeculativeConfig("draft", num_tokens=4, draft_model=other))
+    assert spec == plain and engine.spec_proposed_total > engine.spec_accepted_total
+
+
+def test_draft_model_needs_the_same_vocabulary():
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(make_tiny_model(vocab_size=16), None, max_num_seqs=1,
+               speculative=SpeculativeConfig("draft", draft_model=make_tiny_model(vocab_size=32)))

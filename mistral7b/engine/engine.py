@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..runner import Runner
 from .prefix import extend_hashes
 from ..sampling import apply_logit_bias, apply_penalties, greedy, sample
-from ..speculative import SpeculativeConfig, propose_ngram, verify
+from ..speculative import SpeculativeConfig, verify
 from ..structured import Grammars, mask_logits
 from .request import Request, Sequence, SequenceOutput, TokenLogprob
 
@@ -101,6 +101,7 @@ class Engine:
         self.speculative = speculative
         if speculative is not None:  # rejected guesses are cut out again: keep that much past the window
             self.cache.rollback = speculative.num_tokens
+            self._proposer = speculative.proposer(model.args, max_num_seqs, self.max_model_len)
         self.max_num_seqs = max_num_seqs
         self.chunk_size = chunk_size or default_chunk_size(model.args, max_tokens_per_step)
         self.max_tokens_per_step = max(max_tokens_per_step, max_num_seqs)
@@ -349,21 +350,31 @@ class Engine:
     def _propose(self, decoding: list[Sequence], free: int) -> int:
         """Guess tokens for the decoding sequences that can use them (`seq.drafts`), within their
         max_tokens, the context and the free blocks; -> the blocks still free."""
-        spec = self.speculative
+        jobs = []
         for seq in decoding:
             p = seq.params
             if seq.matcher is not None or p.penalized or not seq.backoff.ready():
                 continue
             # Every guess accepted still leaves room for the model's own token after them.
             # A piece longer than the window would cache only its last W positions: guesses stay within it.
-            room = min(spec.num_tokens, p.max_tokens - len(seq.tokens) - 1, self.cache.slots - 1)
+            room = min(self.speculative.num_tokens, p.max_tokens - len(seq.tokens) - 1, self.cache.slots - 1)
             if self.max_model_len is not None:
                 room = min(room, self.max_model_len - self.cache.lengths[seq.row] - 2)
-            drafts = propose_ngram(seq.context, room, spec.ngram_min, spec.ngram_max) if room > 0 else []
+            room = min(room, self._room_in_blocks(seq, free))
+            if room > 0:
+                jobs.append((seq, room))
+        guesses = self._proposer.propose([(s.row, s.context, room) for s, room in jobs])
+        for (seq, _), drafts in zip(jobs, guesses):
             extra = self.cache.blocks_needed(seq.row, 1 + len(drafts)) - self.cache.blocks_needed(seq.row, 1)
             if drafts and extra <= free:
                 seq.drafts, free = drafts, free - extra
         return free
+
+    def _room_in_blocks(self, seq: Sequence, free: int) -> int:
+        """How many guesses beyond its newest token the free blocks leave a sequence room for."""
+        size = self.cache.block_size
+        held_end = (self.cache.first[seq.row] + self.cache.held_blocks(seq.row) + free) * size
+        return held_end - self.cache.lengths[seq.row] - 1
 
     def _process(self, batch: list[tuple[Sequence, int]], logits: tuple[torch.Tensor, ...]) -> list[SequenceOutput]:
         outputs: list[SequenceOutput] = []
