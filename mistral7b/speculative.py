@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import InputError
 from .sampling import SamplingParams, greedy, probabilities
 
 METHODS = ("ngram", "draft")
@@ -87,8 +88,8 @@ class DraftProposer(Proposer):
 
         draft = config.draft_model
         if draft.args.vocab_size != target_args.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({draft.args.vocab_size}) is not the target's "
-                             f"({target_args.vocab_size})")
+            raise InputError(f"the draft model's vocabulary ({draft.args.vocab_size}) is not the target's "
+                             f"({target_args.vocab_size}): it needs the same tokenizer")
         self.runner = Runner(draft)
         window = draft.args.sliding_window
         self.cache = self.runner.new_cache(max_seqs, None if window else (max_len or draft.args.max_seq_len))
