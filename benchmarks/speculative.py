@@ -2,6 +2,7 @@
 input-grounded workload (repeat and edit a paragraph, edit code) and a free one (a story).
 
     python benchmarks/speculative.py [--configs int4,fp32] [--tokens 128] [--rounds 3]
+    python benchmarks/speculative.py --batches 1,2,4,8 --workloads "edit a paragraph"   # where it stops paying
 
 Prints generated tokens/s (the whole request, pre-fill included), their ratio, and the acceptance,
 alternating plain and speculative runs in one process so that the machine's drift hits both alike.
@@ -45,14 +46,14 @@ WORKLOADS = {
 }
 
 
-def timed(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[float, int, list[int]]:
-    engine.add_request(Request(prompt, params))
-    tokens: list[int] = []
+def timed(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int, list[list[int]]]:
+    requests = [engine.add_request(Request(p, params)) for p in prompts]
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     start = time.perf_counter()
     while engine.has_work:
         for out in engine.step():
-            tokens += out.new_tokens
-    return time.perf_counter() - start, len(tokens), tokens
+            tokens[out.request_id] += out.new_tokens
+    return time.perf_counter() - start, sum(map(len, tokens.values())), [tokens[r.request_id] for r in requests]
 
 
 def main() -> None:
@@ -61,30 +62,44 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=5, help="guesses per step")
+    ap.add_argument("--batches", default="1", help="comma-separated numbers of concurrent copies of a request")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated workload names")
+    ap.add_argument("--draft", metavar="PATH", help="also a draft model (its int4 copy) as the proposer")
     args = ap.parse_args()
     tokenizer = mistral7b.load_tokenizer(None)
     params = SamplingParams(max_tokens=args.tokens)  # greedy: the outputs must be equal
-    spec = SpeculativeConfig(num_tokens=args.k)
-    print(f"| weights | workload | plain tok/s | ngram tok/s | speed-up | accepted | tokens per verification |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    proposers = {"ngram": SpeculativeConfig(num_tokens=args.k, max_batch=64)}
+    if args.draft:
+        proposers["draft"] = SpeculativeConfig("draft", num_tokens=args.k, max_batch=64,
+                                               draft_model=mistral7b.load(args.draft, quantize="int4"))
+    print("| weights | batch | workload | proposer | plain tok/s | speculative tok/s | speed-up | accepted "
+          "| tokens per verification |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for config in args.configs.split(","):
         model = mistral7b.load(None, quantize=None if config == "fp32" else config)
-        for name, text in WORKLOADS.items():
-            prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
-            rates = {"plain": [], "ngram": []}
-            for _ in range(args.rounds):
-                plain = Engine(model, tokenizer, max_num_seqs=1, max_model_len=2048, prefix_caching=False)
-                guessed = Engine(model, tokenizer, max_num_seqs=1, max_model_len=2048, prefix_caching=False,
-                                 speculative=spec)
-                seconds, n, expected = timed(plain, prompt, params)
-                rates["plain"].append(n / seconds)
-                seconds, n, tokens = timed(guessed, prompt, params)
-                rates["ngram"].append(n / seconds)
-                assert tokens == expected, "speculative greedy output differs from plain decoding"
-            p, s = statistics.median(rates["plain"]), statistics.median(rates["ngram"])
-            accepted = guessed.spec_accepted_total / max(1, guessed.spec_proposed_total)
-            per_step = guessed.spec_accepted_total / max(1, guessed.spec_steps_total)
-            print(f"| {config} | {name} | {p:.1f} | {s:.1f} | {s / p:.2f}x | {accepted:.0%} | {per_step:.2f} |")
+        for batch in map(int, args.batches.split(",")):
+            for name in args.workloads.split(","):
+                prompt = tokenizer.encode_chat([{"role": "user", "content": WORKLOADS[name]}])
+                for method, spec in proposers.items():
+                    run_one(model, tokenizer, config, batch, name, method, spec, [prompt] * batch, params, args.rounds)
+
+
+def run_one(model, tokenizer, config, batch, name, method, spec, prompts, params, rounds) -> None:
+    rates = {"plain": [], "spec": []}
+    for _ in range(rounds):  # alternating, so that the machine's drift hits both alike
+        plain = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=2048, prefix_caching=False)
+        guessed = Engine(model, tokenizer, max_num_seqs=len(prompts), max_model_len=2048, prefix_caching=False,
+                         speculative=spec)
+        seconds, n, expected = timed(plain, prompts, params)
+        rates["plain"].append(n / seconds)
+        seconds, n, tokens = timed(guessed, prompts, params)
+        rates["spec"].append(n / seconds)
+        assert tokens == expected, "speculative greedy output differs from plain decoding"
+    p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+    accepted = guessed.spec_accepted_total / max(1, guessed.spec_proposed_total)
+    per_step = guessed.spec_accepted_total / max(1, guessed.spec_steps_total)
+    print(f"| {config} | {batch} | {name} | {method} | {p:.1f} | {s:.1f} | {s / p:.2f}x | {accepted:.0%} "
+          f"| {per_step:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
