@@ -1,8 +1,10 @@
 """Greedy tokens of N requests run together through one engine vs each run alone (issue 20, bug 11).
 
-    python benchmarks/batch_invariance.py [int4|fp32|bf16] [N] [max_tokens]
+    python benchmarks/batch_invariance.py [int4|fp32|bf16] [N] [max_tokens] [--scores]
 
 Prints how many of the N outputs differ from the request run alone, and where the first differs.
+--scores: the prompts' log-probabilities instead (echo + logprobs, lm-eval's log-likelihoods): how
+many prompts have any that differ, and the largest difference of a prompt's summed log-probability.
 """
 
 from __future__ import annotations
@@ -59,14 +61,40 @@ def compare(model, tokenizer, n: int, max_tokens: int) -> int:
     return len(differ)
 
 
+def scores(model, requests: list[list[int]]) -> list[list[float]]:
+    engine = Engine(model, max_num_seqs=32, max_model_len=1024)
+    reqs = [engine.add_request(Request(p, SamplingParams(max_tokens=1, prompt_logprobs=0))) for p in requests]
+    out = {}
+    while engine.has_work:
+        for o in engine.step():
+            if o.prompt_logprobs is not None:
+                out[o.request_id] = [e.logprob for e in o.prompt_logprobs[1:]]
+    return [out[r.request_id] for r in reqs]
+
+
+def compare_scores(model, tokenizer, n: int) -> int:
+    ps = prompts(tokenizer, n)
+    together = scores(model, ps)
+    alone = [scores(model, [p])[0] for p in ps]
+    differ = [i for i in range(n) if together[i] != alone[i]]
+    worst = max(abs(sum(together[i]) - sum(alone[i])) for i in range(n))
+    print(f"{n} prompts scored together vs alone: {len(differ)} of {n} differ; largest difference of a "
+          f"prompt's summed log-probability {worst:.4g}", flush=True)
+    return len(differ)
+
+
 def main() -> None:
-    mode = sys.argv[1] if len(sys.argv) > 1 else "int4"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-    max_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    mode = args[0] if args else "int4"
+    n = int(args[1]) if len(args) > 1 else 32
+    max_tokens = int(args[2]) if len(args) > 2 else 32
     model = mistral7b.load(None, quantize="int4") if mode == "int4" else mistral7b.load(None, dtype=mode)
     tokenizer = mistral7b.load_tokenizer(None)
     print(f"{mode}, {torch.get_num_threads()} threads")
-    compare(model.eval(), tokenizer, n, max_tokens)
+    if "--scores" in sys.argv:
+        compare_scores(model.eval(), tokenizer, n)
+    else:
+        compare(model.eval(), tokenizer, n, max_tokens)
 
 
 if __name__ == "__main__":

@@ -59,12 +59,15 @@ def our_scores(model, tok) -> dict[str, float]:
     return {"acc": correct / len(DOCS), "acc_norm": correct_norm / len(DOCS)}
 
 
-def test_lm_eval_local_completions_matches_our_scoring(tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_lm_eval_local_completions_matches_our_scoring(tmp_path, weights):
+    """fp32, and the default server's int4 (the GGUF's Q4_1 blocks): the server batches lm-eval's
+    concurrent requests, and a request's log-likelihood does not depend on its batch (issue 20)."""
     pytest.importorskip("lm_eval")
     data = tmp_path / "tiny_mc.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "label": l}) + "\n" for q, c, l in DOCS))
     (tmp_path / "tiny_mc.yaml").write_text(TASK.format(data=data))
-    proc, url = start_server("--max-model-len", "512", "--dtype", "fp32")
+    proc, url = start_server("--max-model-len", "512", *(["--dtype", "fp32"] if weights == "fp32" else []))
     try:
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         run = subprocess.run(
@@ -77,7 +80,7 @@ def test_lm_eval_local_completions_matches_our_scoring(tmp_path):
         stop_server(proc)
     results_file = next((tmp_path / "out").rglob("results_*.json"))
     theirs = json.loads(results_file.read_text())["results"]["tiny_mc"]
-    ours = our_scores(mistral7b.load(None), mistral7b.load_tokenizer(None))
+    ours = our_scores(mistral7b.load(None, quantize="int4" if weights == "int4" else None), mistral7b.load_tokenizer(None))
     assert theirs["acc,none"] == ours["acc"]
     assert theirs["acc_norm,none"] == ours["acc_norm"]
     assert ours["acc"] >= 0.5  # a real model, not chance (1/4)
