@@ -282,6 +282,11 @@ class KVCache:
             self.tables[row][-1] = copy
 
     # -- one step ----------------------------------------------------------------------------------
+    def slot_index(self, rows: list[int], span: int) -> torch.Tensor:
+        """[B, span] flat slot index of each row's slots j < span (beyond a row's blocks: its last slot);
+        slot j of a row holds position first_pos + j."""
+        return self._slot_index(rows, span)
+
     def _slot_index(self, rows: list[int], span: int) -> torch.Tensor:
         """[B, span] flat slot index of each row's slots j < span (beyond a row's blocks: its last slot)."""
         width = -(-span // self.block_size)

@@ -5,8 +5,9 @@ CUDA and tensor-parallel ranks run and what every path here is tested against. A
 the same model for the engine, deciding once per step (`choose_route`) how:
 
     NATIVE_DECODE   B sequences, one token each: every block in one native call (kernels.decode_step)
-    NATIVE_CHUNK    one sequence's chunk of <= GEMV_MAX_ROWS tokens (and <= W): rows of that same
-                    call, each token attending to the cached slots its window sees and to its own
+    NATIVE_CHUNK    chunks of one or more sequences (each <= the cache's S slots, W for a windowed
+                    model), decode rows among them: rows of that same call, each token attending to
+                    its sequence's cached slots its window sees and to its chunk's earlier tokens
     EAGER_DECODE    one token per sequence through the model's blocks, attending in the cache in place
     EAGER_BAND      one sequence's chunk (its cached keys in position order) or rows from position 0
                     longer than W: the causal W-key band, no mask (attention.py)
@@ -18,6 +19,17 @@ matmul each (`FusedProjection`), and few-row products of float weights through t
 native weights and the fusions are rebuilt whenever the tensors they derive from change (a replaced
 or re-cast weight, a LoRA wrap, quantization): each step compares the modules and the storage of
 their tensors with those the weights were built from, so nothing stale ever runs.
+
+Batch invariance: wherever the native step can run a model, every step runs natively, whatever
+its mix of sequences, chunks and decode rows, and every row's arithmetic there is its own: the GEMVs
+quantize and dot each activation row alone, norms, RoPE, SiLU and the attention of a row depend only
+on that row (the attention over fixed ranges of the row's slots, decode.cpp), and the logits come
+from the native GEMV for any number of rows. So a sequence's logits do not depend on which other
+sequences share its steps, nor on how its prompt was cut into chunks: greedy decoding gives the same
+tokens alone or in a batch, and echoed prompt log-probabilities equal the library's own scoring.
+The eager routes (a model the native step cannot run: CUDA, LoRA or tensor-parallel wrappers, fp16
+weights, training, `native=False`) give no such guarantee: their kernels change with the number of
+rows (GEMV or tiled matmul, MKL's blocking) and with the attention layout.
 
 `native=False` forces the eager routes (tests compare the two that way). The engine asks
 `preferred_chunk` how to cut a lone prompt, so a short one runs as native chunks.
@@ -58,9 +70,9 @@ class Route(enum.Enum):
 
 
 def _fits_native_chunk(plan: StepPlan, cache: KVCache) -> bool:
-    """One sequence's chunk of <= GEMV_MAX_ROWS tokens, every one of them cached (<= S): the native
-    step writes each row's key and value before attending."""
-    return plan.batch == 1 and plan.length <= min(kernels.GEMV_MAX_ROWS, cache.slots)
+    """Every sequence's chunk has all its tokens cached (<= S): the native step writes each row's key
+    and value before attending, so a longer chunk would overwrite slots its own rows still read."""
+    return plan.length <= cache.slots
 
 
 def choose_route(plan: StepPlan, cache: KVCache | None, native_ready: bool) -> Route:
@@ -294,33 +306,54 @@ class Runner:
         h = model.tok_embeddings(input_ids)  # [T, dim]
         route = choose_route(plan, cache, not training and self._native_ready(ex, h, cache))
         if route.native:
-            normed = self._native(ex.native, h, plan, cache, route)  # all blocks, then the final norm
+            normed = self._native(ex.native, h, plan, cache, route, seqlens, rows)  # all blocks, the final norm
             normed = normed if output_rows is None else normed[output_rows]
+            logits = _project_rows(model.output, normed)
         else:
             rope = rope_rotation(plan.positions, model.args.head_dim, model.args.rope_theta)
             for i, block in enumerate(model.layers):
                 h = block(h, rope, plan, cache, i) if training else _eager_block(block, ex.layers[i], h, rope, plan, cache, i)
             normed = model.norm(h if output_rows is None else h[output_rows])
+            logits = _project(model.output, normed)
         if cache is not None:
             cache.commit(plan, seqlens, rows)
-        return _project(model.output, normed).float()
+        return logits.float()
 
     def _native(self, weights: tuple[list[torch.Tensor], list[int]], h: torch.Tensor, plan: StepPlan,
-                cache: KVCache, route: Route) -> torch.Tensor:
+                cache: KVCache, route: Route, seqlens: list[int], rows: list[int] | None) -> torch.Tensor:
         """h [T, dim] -> norm(h after every block) [T, dim] in one kernels.decode_step call. Decode: the
-        rows are the sequences; a chunk: each token a row attending to slots [0, its position]."""
+        rows are the sequences; chunks: each token a row attending to its sequence's slots up to its
+        own position (the chunk's earlier tokens are written before any row attends)."""
         if route is Route.NATIVE_DECODE:
             mask = None if plan.mask is None else plan.mask[:, 0, 0]  # [B, used]
             step, slots = (plan.write_dst, plan.used_slots, mask, plan.positions), plan.slots
-        else:  # the chunk's rows see the cached slots and the chunk's own: span = used + T
-            span = plan.slots.shape[1]
-            k_pos = plan.first_pos[0] + torch.arange(span, device=h.device)  # [span]
+        else:  # each row sees its sequence's cached slots and its chunk's own: span = cached + chunk
+            device = h.device
+            seq = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens)).to(device)  # [T]
+            first = torch.tensor(plan.first_pos, device=device)[seq]  # [T] position of each row's slot 0
             q_pos = plan.positions[:, None]  # [T, 1]
-            seen = (k_pos[None, :] <= q_pos) & ((q_pos - k_pos[None, :] < cache.window) if cache.window else True)
-            step, slots = (plan.write_dst, span, seen, plan.positions), plan.slots.expand(len(q_pos), span)
+            span = int((plan.positions - first).max()) + 1
+            k_pos = first[:, None] + torch.arange(span, device=device)[None, :]  # [T, span]
+            seen = (k_pos <= q_pos) & ((q_pos - k_pos < cache.window) if cache.window else True)
+            table = cache.slot_index(list(range(len(seqlens))) if rows is None else rows, span)  # [B, span]
+            slots = table.expand(len(seq), span) if len(seqlens) == 1 else table[seq]
+            step = (plan.write_dst, span, seen, plan.positions)
         attn, args = self.model.layers[0].attention, self.model.args
         return kernels.decode_step(h, *weights, args.norm_eps, attn.n_heads, attn.n_kv_heads,
                                    cache.k, cache.v, *step, args.rope_theta, self.model.norm.weight, slots)
+
+
+def _project_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) [M, N] by the native GEMV for any number of rows M, each row quantized and dotted on
+    its own: a row's result never depends on the other rows (the per-op path switches to a tiled
+    matmul above GEMV_MAX_ROWS rows). Other layers (a LoRA or tensor-parallel wrapper): as they run."""
+    if type(linear) is Linear and linear.weight.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.mistral7b.float_gemv(x, linear.weight)
+    if isinstance(linear, QuantLinear) and linear.mode == "int8":
+        return torch.ops.mistral7b.int8_gemv(x, linear.qweight, linear.scales)
+    if isinstance(linear, QuantLinear) and linear.mode == "int4":
+        return torch.ops.mistral7b.int4_gemv(x, linear.qweight, linear.scales, linear.mins)
+    return _project(linear, x)
 
 
 def _eager_block(block: TransformerBlock, ex: LayerExecution, h: torch.Tensor, rope: torch.Tensor,

@@ -171,8 +171,8 @@ def test_falls_back_where_it_cannot_run(monkeypatch):
         lora = apply_lora(copy.deepcopy(model), LoRAConfig(rank=2))  # wrapped projections
         decode_logits(Runner(lora), steps=2)
         assert not calls
-        decode_logits(Runner(model), lengths=[3] * (kernels.GEMV_MAX_ROWS + 1), steps=1)  # too many rows...
-        assert len(calls) == 1  # ...but the one-row step that follows is native
+        decode_logits(Runner(model), lengths=[3] * (kernels.GEMV_MAX_ROWS + 1), steps=1)  # any number of rows:
+        assert len(calls) == 3  # the pre-fill of 33 rows, their decode and the one-row step, all native
     calls.clear()
     decode_logits(Runner(model), steps=1)  # autograd on
     assert not calls
@@ -184,7 +184,9 @@ def test_route_is_chosen_once_from_the_plan():
     chunk = cache.plan([3], [0])
     assert choose_route(chunk, cache, True) is Route.NATIVE_CHUNK
     assert choose_route(chunk, cache, False) is Route.EAGER_BAND
-    assert choose_route(cache.plan([3, 2], [0, 1]), cache, True) is Route.EAGER_MASKED
+    assert choose_route(cache.plan([3, 2], [0, 1]), cache, True) is Route.NATIVE_CHUNK  # several sequences' chunks
+    assert choose_route(cache.plan([3, 1], [0, 1]), cache, False) is Route.EAGER_MASKED
+    assert choose_route(cache.plan([5, 1], [0, 1]), cache, True) is Route.EAGER_MASKED  # 5 > W slots
     assert choose_route(cache.plan([1, 1], [0, 1]), cache, False) is Route.EAGER_DECODE
     assert choose_route(cache.plan([1], [0]), cache, True) is Route.NATIVE_DECODE
     assert choose_route(cache.plan([5], [0]), cache, True) is Route.EAGER_BAND  # 5 > W slots: it would wrap

@@ -123,6 +123,20 @@ def test_echo_logprobs_score_the_prompt(client, local):
     assert out.choices[0].text == tok.decode(ids)
 
 
+def test_echo_lists_a_final_stop_token(client, local):
+    """Scoring harnesses (lm-eval's local-completions) send max_tokens=1 and read the prompt's scores as
+    token_logprobs[ctxlen:-1]: the generated token must be listed even when it is a stop token."""
+    model, tok = local
+    ids = tok.encode("The quick brown fox jumps over the lazy")
+    (next_token,), _ = mistral7b.generate([ids], model, max_tokens=1)
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0,
+                                    extra_body={"stop_token_ids": next_token})
+    assert out.choices[0].finish_reason == "stop"
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.tokens[-1] == tok.decode(next_token)
+    assert lp.token_logprobs[1:-1] == pytest.approx(mistral7b.generate([ids], model, max_tokens=0)[1][0], abs=1e-4)
+
+
 def test_chat_logprobs(client):
     out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)

@@ -131,8 +131,9 @@ def float_linear(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def decode_step_available(x: Tensor, cache: Tensor) -> bool:
-    """Whether `decode_step` can run for activations x [B, dim] and a cache tensor."""
-    return _native(x) and _few_rows(x) and cache.is_cpu and cache.dtype in _DTYPES
+    """Whether `decode_step` can run for activations x [B, dim] (any number of rows: each is computed
+    on its own, so the runner sends every row of a step there) and a cache tensor."""
+    return _native(x) and cache.is_cpu and cache.dtype in _DTYPES
 
 
 def decode_step(h: Tensor, weights: list[Tensor], linear_sizes: list[int], eps: float, n_heads: int,

@@ -151,22 +151,24 @@ void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t
                   float* top, float* total) {
   constexpr int64_t ahead = 6;  // slots prefetched ahead
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t n = j1 - j0;
+  // Scores per head padded to whole vectors of 8 (the padding scores as a masked slot): every slot's
+  // score sits in the same lane whatever j1 is, so the sums below do not depend on the range's length.
+  const int64_t n = j1 - j0, n8 = (n + 7) / 8 * 8;
   auto at = [&](int64_t j) { return slot_of ? slot_of[std::min(j, j1 - 1)] : j; };
   for (int64_t j = j0; j < j1; ++j) {
     prefetch_slot(k + at(j + ahead) * stride, hd);
     const bool valid = !mask || mask[j];
     for (int64_t g = 0; g < group; ++g)
-      scores[g * n + j - j0] = valid ? dot_cached(q + g * hd, k + at(j) * stride, hd) * scale : neg_inf;
+      scores[g * n8 + j - j0] = valid ? dot_cached(q + g * hd, k + at(j) * stride, hd) * scale : neg_inf;
   }
   for (int64_t g = 0; g < group; ++g) {  // e^(s - top) in place, 8 slots a step
-    float* sg = scores + g * n;
+    float* sg = scores + g * n8;
+    std::fill(sg + n, sg + n8, neg_inf);
     top[g] = n ? *std::max_element(sg, sg + n) : neg_inf;
     total[g] = 0.f;
     if (top[g] == neg_inf) continue;  // nothing valid here: no weight at all
     __m256 sum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
+    for (int64_t j = 0; j < n8; j += 8) {
       // exp8 clamps: a masked slot (-inf) gets ~1e-38, zeroed by the blend
       const __m256 x = _mm256_loadu_ps(sg + j);
       const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(x, _mm256_set1_ps(top[g]))), _mm256_setzero_ps(),
@@ -175,7 +177,6 @@ void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t
       sum = _mm256_add_ps(sum, e);
     }
     total[g] = hsum(sum);
-    for (; j < n; ++j) total[g] += (sg[j] = std::exp(sg[j] - top[g]));
   }
   std::fill(out, out + group * hd, 0.f);
   for (int64_t j = j0; j < j1; ++j) {
@@ -185,7 +186,7 @@ void attend_slots(const float* q, int64_t group, const C* k, const C* v, int64_t
     for (int64_t i = 0; i < hd; i += 8) {
       const __m256 vv = load8(vj + i);
       for (int64_t g = 0; g < group; ++g)
-        _mm256_storeu_ps(out + g * hd + i, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * n + j - j0]), vv,
+        _mm256_storeu_ps(out + g * hd + i, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * n8 + j - j0]), vv,
                                                            _mm256_loadu_ps(out + g * hd + i)));
     }
   }
@@ -225,6 +226,9 @@ void store(C* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(src[i]);
 }
 
+// Slots per attention range (a multiple of 8): a row's slots [0, used) are cut at multiples of it.
+constexpr int64_t kSlotRange = 64;
+
 struct Step {
   int64_t B, D, H, Hkv, hd, S, used, layers;
   int64_t layer_stride;      // cache elements per layer: rows * S * Hkv * hd
@@ -251,15 +255,17 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
   // Shared buffers: qkv [B, width], attention output [B, H hd], projections [B, max(D, 2F)], act [B, F].
   std::vector<float> qkv(B * width), attn(B * H * hd), proj(B * std::max(D, 2 * F)), act(B * F);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  // Attention: enough slot ranges per (row, kv head) for every thread to get work, none under 32 slots.
+  // Attention: each (row, kv head) over slot ranges of kSlotRange, fixed in the row's slot order (never
+  // cut by the batch size, the longest row or the thread count), so that a row's attention sums the
+  // same partials in the same order whichever rows share its step: batch-invariant output.
   const int64_t group = H / Hkv, threads = std::max(1, at::get_num_threads());
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(s.used / 32, (2 * threads + B * Hkv - 1) / (B * Hkv)));
+  const int64_t chunks = std::max<int64_t>(1, (s.used + kSlotRange - 1) / kSlotRange);
   std::vector<float> partial(B * Hkv * chunks * group * hd), tops(B * Hkv * chunks * group), totals(tops.size());
 
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> xn(B * D), scores(group * s.used);
+    std::vector<float> xn(B * D), scores(group * kSlotRange);
     const auto [a0, a1] = share(B * Hkv * chunks, tid, nth);  // attention tasks: (row, kv head, slot range)
     const auto [m0, m1] = share(B * H, tid, nth);              // merges: (row, head)
     // Adds proj[:, n0:n1] (row stride N) into x's columns n0..n1: the rows this thread computed.
@@ -292,7 +298,7 @@ void run_step(const Step& s, const std::vector<LayerWeights>& layers, float* x, 
       for (int64_t t = a0; t < a1; ++t) {
         const int64_t c = t % chunks, bk = t / chunks, b = bk / Hkv, kvh = bk % Hkv;
         const int64_t base = (s.slots ? 0 : s.write_dst[b] / s.S * s.S * kv) + kvh * hd;
-        const int64_t j0 = s.used * c / chunks, j1 = s.used * (c + 1) / chunks;
+        const int64_t j0 = c * kSlotRange, j1 = std::min(s.used, j0 + kSlotRange);
         attend_slots(qkv.data() + b * width + kvh * group * hd, group, kc + base, vc + base, kv,
                      s.slots ? s.slots + b * s.used : nullptr, j0, j1, hd,
                      s.mask ? s.mask + b * s.used : nullptr, scale, scores.data(), partial.data() + t * group * hd,

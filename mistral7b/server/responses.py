@@ -125,6 +125,13 @@ class Completions(_Shaper):
             out["top_logprobs"].append(top)
         return out
 
+    def shown(self, entries: list[TokenLogprob], finish_reason: str | None) -> list[TokenLogprob]:
+        """The generated entries a choice's logprobs list. With echo, every generated token, a final stop
+        token too: a scoring harness sends the prompt with max_tokens=1 and reads the prompt's scores as
+        token_logprobs[ctxlen:-1] (lm-eval's local-completions), so hiding a stop token there would
+        drop the score of the prompt's last token whenever the model's next token is a stop token."""
+        return entries if self.echo else self.visible(entries, finish_reason)
+
     def _choice_logprobs(self, prompt: list[int], prompt_lps, generated: list[TokenLogprob], with_prompt: bool):
         entries, tokens = [], []
         if with_prompt:
@@ -142,7 +149,7 @@ class Completions(_Shaper):
             for j, c in sorted(_group(outputs).items()):
                 logprobs = None
                 if self.k is not None:
-                    logprobs = self._choice_logprobs(self.prompts[p], c["prompt"], self.visible(c["logprobs"], c["finish"]),
+                    logprobs = self._choice_logprobs(self.prompts[p], c["prompt"], self.shown(c["logprobs"], c["finish"]),
                                                      self.echo)
                 choices.append({"index": p * self.n + j, "text": prompt_text + c["text"], "logprobs": logprobs,
                                 "finish_reason": c["finish"]})
@@ -161,7 +168,7 @@ class Completions(_Shaper):
             logprobs = None
             if self.k is not None:
                 logprobs = self._choice_logprobs(self.prompts[p], out.prompt_logprobs,
-                                                 self.visible(out.new_logprobs, out.finish_reason), self.echo and first)
+                                                 self.shown(out.new_logprobs, out.finish_reason), self.echo and first)
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
             if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self.prompt_logprobs(self.prompts[p], out.prompt_logprobs)
