@@ -20,14 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _server import free_port, start_server, stop_server  # noqa: E402
+from _server import free_port, start_process, start_server, stop_server  # noqa: E402
 
 import mistral7b  # noqa: E402
 from mistral7b.defaults import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
@@ -74,18 +73,8 @@ def run_concurrency(client, requests, max_tokens: int, clients: int) -> dict:
 def start_llama_server(binary: str, parallel: int) -> tuple[subprocess.Popen, str]:
     """llama.cpp's own server on the same GGUF file, `parallel` slots of 512 tokens, 2 threads."""
     port = free_port()
-    proc = subprocess.Popen([binary, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(port),
-                             "--parallel", str(parallel), "-c", str(512 * parallel), "-t", "2", "--log-disable"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("llama-server did not start")
+    return start_process([binary, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(port),
+                          "--parallel", str(parallel), "-c", str(512 * parallel), "-t", "2", "--log-disable"], port)
 
 
 def run_transformers(requests, max_tokens: int) -> dict:

@@ -18,10 +18,14 @@ def free_port() -> int:
 def start_server(*flags: str, command: tuple[str, ...] = (sys.executable, "-m", "mistral7b")) -> tuple[subprocess.Popen, str]:
     """-> (process, base URL), once /health answers. `command` runs mistral7b (e.g. under torchrun)."""
     port = free_port()
-    proc = subprocess.Popen([*command, "serve", "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_process([*command, "serve", "--port", str(port), *flags], port)
+
+
+def start_process(argv: list[str], port: int, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start a server that listens on 127.0.0.1:port -> (process, base URL), once its /health answers."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read()}")
@@ -31,7 +35,7 @@ def start_server(*flags: str, command: tuple[str, ...] = (sys.executable, "-m", 
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"{argv[0]} did not start")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
