@@ -61,7 +61,8 @@ def test_tiny_windowed_model_is_batch_invariant(mode):
     assert_batch_invariant(model, prompts, params, max_tokens_per_step=40, chunk_size=3)
 
 
-@pytest.fixture(scope="module", params=["int4", "fp32"])
+# fp32 takes a minute more and already batched natively through the same GEMV rows: a slow test.
+@pytest.fixture(scope="module", params=["int4", pytest.param("fp32", marks=pytest.mark.slow)])
 def default_model(request, smollm2_path):
     """The default model as `serve` runs it (int4: the GGUF's Q4_1 blocks) and dequantized to fp32."""
     quantized = request.param == "int4"
@@ -81,6 +82,7 @@ def test_default_model_prompt_logprobs_are_batch_invariant(default_model):
     assert_batch_invariant(model, chat_prompts(tok, 10), params)
 
 
+@pytest.mark.slow  # ~100 s; tests/test_server.py checks 32 concurrent streams against solo answers by default
 def test_server_answers_equal_the_library_alone_under_concurrency(smollm2_path):
     """The default server (int4), 32 concurrent clients through the official client, streaming and
     not: each greedy completion equals the library's for that prompt alone, and each echoed prompt's

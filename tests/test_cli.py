@@ -182,7 +182,7 @@ def test_serve_on_a_busy_port_fails_first_in_one_line():
 def test_quantized_gguf_runs_its_own_blocks_by_default():
     """No flags: the Q4_1 file's blocks (as --quantize int4); --dtype fp32 dequantizes."""
     tokenizer = mistral7b.load_tokenizer(None)
-    prompt = "Write a short poem about the sea."
+    prompt = "What is the capital of France?"  # fp32 answers Paris, the Q4_1 blocks a list of French words
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
     expected = {name: mistral7b.generate([ids], model, max_tokens=8)[0][0] for name, model in
                 (("int4", mistral7b.load(None, quantize="int4")), ("fp32", mistral7b.load(None)))}
