@@ -7,8 +7,7 @@ document (every route, valid and invalid bodies) and checks that none gets a 5xx
 The server runs with --api-key (the key goes with every request) and --max-model-len 64, which
 bounds the work of each generation. Exits with schemathesis' status: 0 when no request got a 5xx.
 
-Recorded (2 shared CPU cores, default model in fp32, --max-examples 25, phases coverage and
-fuzzing): 731 cases generated, 731 passed, 0 server errors, in 160 s.
+The counts are in BENCHMARKS.md ("The server's OpenAPI document, fuzzed").
 """
 
 from __future__ import annotations
