@@ -62,22 +62,19 @@ class Constraint:
 
     def lark(self) -> str:
         """The llguidance grammar text of this constraint (not yet checked)."""
-        if self.kind == "choice":
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in json.loads(self.spec)))
-        if self.kind == "lark":
-            return llguidance.LLMatcher.grammar_from_lark(self.spec)
-        if self.kind == "grammar":
-            try:
-                return llguidance.grammar_from("grammar", self.spec)  # Lark, or GBNF converted to Lark
-            except ValueError as e:
-                raise ConstraintError(self.param, f"{self.param}: {e}") from None
-        if self.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(self.spec)
-        try:
+        build = {
+            "choice": lambda: llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(o) for o in json.loads(self.spec))),
+            "lark": lambda: llguidance.LLMatcher.grammar_from_lark(self.spec),
+            "grammar": lambda: llguidance.grammar_from("grammar", self.spec),  # Lark, or GBNF converted to Lark
+            "regex": lambda: llguidance.LLMatcher.grammar_from_regex(self.spec),
             # JSON as json.dumps writes it (", " and ": "), the form models write most; whitespace is not
             # free, or a model that likes newlines could fill max_tokens with them (llguidance's default).
-            return llguidance.LLMatcher.grammar_from_json_schema(self.spec, defaults=_JSON_LAYOUT)
-        except ValueError as e:
+            "json": lambda: llguidance.LLMatcher.grammar_from_json_schema(self.spec, defaults=_JSON_LAYOUT),
+        }[self.kind]
+        try:
+            return build()
+        except ValueError as e:  # a GBNF grammar that does not convert, a schema that is not an object
             raise ConstraintError(self.param, f"{self.param}: {e}") from None
 
 
@@ -119,11 +116,10 @@ def ll_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
     """llguidance's view of our tokenizer: the bytes of every token, which are special, and the ids
     that may end an output (EOS and the chat format's end of turn)."""
     backend = getattr(tokenizer, "backend", None)
-    if backend is not None:  # a `tokenizers.Tokenizer` (Hugging Face files, GGUF vocabularies)
-        return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=tokenizer.stop_ids)
-    # Mistral's files: their bytes per token, through the tokenizer (tokenizer/mistral.py).
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(tokenizer.byte_vocabulary()), n_vocab=vocab_size,
-                                  eos_token=tokenizer.stop_ids)
+    # A `tokenizers.Tokenizer` (Hugging Face files, GGUF vocabularies) as its JSON; Mistral's files as
+    # their bytes per token (tokenizer/mistral.py).
+    vocabulary = backend.to_str() if backend is not None else llguidance.TokenizerWrapper(tokenizer.byte_vocabulary())
+    return llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=tokenizer.stop_ids)
 
 
 def _first_line(message: str) -> str:
