@@ -30,6 +30,7 @@ the pool needs it (least recently released first).
 from __future__ import annotations
 
 import math
+import mmap
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -120,6 +121,17 @@ class CacheFull(Mistral7BError):
     """The block pool has no free block left (the engine schedules within `free_blocks`)."""
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.zeros; on the CPU an anonymous memory map, whose pages the OS zeroes on first touch. A
+    cache sized for a whole context then costs neither time nor resident memory until its blocks
+    are used (torch.zeros writes every byte: 0.06 s and 180 MB for the default model's chat). Not
+    numpy's calloc: numpy asks for huge pages, so each block's first write would zero 2 MiB."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCache:
     """Keys and values of up to `max_seqs` sequences (cache rows: handles) in a pool of blocks.
 
@@ -140,8 +152,7 @@ class KVCache:
         self.blocks_per_seq = math.ceil(self.slots / block_size) + (self.max_len is None)
         self.n_blocks = n_blocks or self.blocks_per_seq * max_seqs + (self.max_len is None) * self.blocks_per_seq
         shape = (args.n_layers, self.n_blocks, block_size, args.n_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
         self.lengths = [0] * max_seqs
         self.tables: list[list[int]] = [[] for _ in range(max_seqs)]  # physical blocks, logical order
         self.first = [0] * max_seqs  # logical index of tables[row][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -762,5 +763,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `mistral7b` command: main(), then exit without Python's final garbage collection, which
+    walks every object torch made at import (~0.4 s of a 3 s chat start). The objects are freed
+    with the process; atexit handlers and stream flushes still run."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
-from gguf.quants import dequantize
-
 from .errors import CheckpointError
+from .gguf_lib import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType,
+                       Keys, dequantize)
 
 _SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
             GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
@@ -177,6 +176,20 @@ class _Cursor:
         start = self.skip(size)
         return str(self.buf[start:self.pos], "utf-8")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row: string() inlined, as vocabularies and merges hold ~10^5 of them."""
+        buf, pos, end, unpack = self.buf, self.pos, len(self.buf), _U64.unpack_from
+        out = []
+        for i in range(count):
+            start = pos + 8
+            if start > end or (stop := start + unpack(buf, pos)[0]) > end:
+                raise ValueError(f"the file ends at byte {end}, inside string {i} of {count} at byte {pos}: "
+                                 "it is truncated")
+            out.append(str(buf[start:stop], "utf-8"))
+            pos = stop
+        self.pos = pos
+        return out
+
     def key_value(self) -> tuple[str, Any]:
         key = self.string()
         return key, self.value(self.kind(key), key)
@@ -196,6 +209,8 @@ class _Cursor:
             count = _U64.unpack_from(self.buf, self.skip(8))[0]
             if item in _SCALARS:  # one unpack for the whole array: token types, scores
                 return list(self.unpack(_SCALARS[item], count))
+            if item == GGUFValueType.STRING:
+                return self.strings(count)
             return [self.value(item, key) for _ in range(count)]
         return self.unpack(_SCALARS[kind])[0]
 

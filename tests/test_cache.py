@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -31,6 +33,25 @@ def test_cache_memory_stays_at_window(tiny_model, block_size):
     assert cache.held_blocks(1) == 0  # the unused row took nothing
     cache.reset()
     assert cache.free_blocks == cache.n_blocks  # every block back in the pool
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_takes_memory_as_it_is_used(dtype):
+    """A cache sized for a long context (here 2 x 512 MiB in fp32) takes resident memory only for
+    the blocks written, and its unwritten blocks read as zeros."""
+    args = mistral7b.ModelArgs(dim=256, n_layers=8, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=4,
+                               norm_eps=1e-5, vocab_size=32)
+    before = _resident_bytes()
+    cache = mistral7b.KVCache(args, max_seqs=1, max_len=65536, dtype=dtype)
+    assert cache.k.nbytes >= 2**28 and cache.k.dtype == dtype and cache.k.shape[1] == cache.n_blocks
+    assert _resident_bytes() - before < 2**27
+    assert not cache.k[:, -1].any() and not cache.v[:, :2].any()
 
 
 @torch.no_grad()

@@ -87,12 +87,23 @@ def _tensor_type_at(data: bytes, name: str, n_dims: int) -> int:
 
 
 FIRST_TYPE = 24 + 8 + len("general.architecture")  # the first key's value type follows the header and key
+
+
+def _strings_at(data: bytes) -> int:
+    """Byte offset of the "strings" array's first item: after the key, value type, item type and count."""
+    return data.index(b"strings") + len("strings") + 4 + 4 + 8
+
+
 DAMAGES = {
     "empty": (lambda d: b"", r"it has 0 bytes, fewer than a GGUF header's 24"),
     "not gguf": (lambda d: b"GGML" + d[4:], r"it does not start with the bytes 'GGUF'"),
     "version 1": (lambda d: _patch(d, 4, (1).to_bytes(4, "little")), r"GGUF version 1 is not supported"),
     "metadata cut": (lambda d: d[:200], r"the file ends at byte 200, inside the \d+-byte value at byte \d+: it is truncated"),
     "data cut": (lambda d: d[:-20], r"tensor 'q4' ends at byte \d+, the file at byte \d+: it is truncated"),
+    "string array cut": (lambda d: d[:_strings_at(d) + 8 + 1 + 8 + 2],  # inside "ü b", the third string
+                         r"the file ends at byte \d+, inside string 2 of 3 at byte \d+: it is truncated"),
+    "string size": (lambda d: _patch(d, _strings_at(d), b"\xff" * 8),
+                    r"the file ends at byte \d+, inside string 0 of 3"),
     "huge count": (lambda d: _patch(d, 24, b"\xff" * 8), r"the file ends at byte \d+, inside the \d+-byte value"),
     "value type": (lambda d: _patch(d, FIRST_TYPE, (99).to_bytes(4, "little")),
                    r"key 'general\.architecture' has unknown value type 99"),
@@ -126,3 +137,14 @@ def test_import_mistral7b_leaves_gguf_unloaded():
     """`import gguf` costs ~1 s (it loads mistral_common): only reading a GGUF file should pay it."""
     code = "import sys, mistral7b; print(sorted(m for m in ('gguf', 'mistral_common') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_reading_a_gguf_file_leaves_mistral_common_unloaded(tmp_path):
+    """gguf's vocab module imports mistral_common (~0.5 s of a chat's start) for a converter class we
+    never call: reading a GGUF file skips it, and mistral_common still imports and works afterwards."""
+    path = write(tmp_path / "model.gguf")
+    code = (f"import sys, pathlib; from mistral7b.gguf_file import GGUFFile; GGUFFile(pathlib.Path({str(path)!r})); "
+            "print('mistral_common' in sys.modules); "
+            "from mistral_common.tokens.tokenizers.mistral import MistralTokenizer; print(MistralTokenizer.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "False\nMistralTokenizer\n"

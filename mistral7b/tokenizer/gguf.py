@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import Keys, TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
 from ..errors import CheckpointError
 from ..gguf_file import open_gguf
+from ..gguf_lib import Keys, TokenType
 from .hf import HFTokenizer
 
 K = Keys.Tokenizer

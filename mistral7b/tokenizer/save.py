@@ -14,12 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
-from gguf import Keys
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import processors
 
 from ..defaults import default_model_path
 from ..errors import CheckpointError
+from ..gguf_lib import Keys
 from . import _MISTRAL_FILE, load_tokenizer
 
 # Hugging Face's tokenizer files; whichever exist beside a tokenizer are copied with it.
