@@ -144,13 +144,16 @@ def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None, *, 
         if packed and target.endswith(_LINEAR_SUFFIXES):
             if (weight := _packed(file, tensor, part_of and part_of(target, tensor.shape))) is not None:
                 yield target, weight
-                if target == name:
+                if target == name:  # a tied embedding is the float lookup table as well
                     continue
-                if part_of is None:  # a tied embedding is the float lookup table as well: from its blocks,
-                    yield name, _dequantized(weight)  # as ggml computes them, 5x faster than the gguf package
-                    continue
+        part = part_of and part_of(name, tensor.shape)
+        # A Q8_0/Q4_x matrix: the values ggml computes, from our layer's blocks, 5-10x faster than the
+        # gguf package's dequantizer.
+        if len(tensor.shape) == 2 and (weight := _packed(file, tensor, part)) is not None:
+            yield name, _dequantized(weight)
+            continue
         try:
-            values = file.dequantize(tensor, part_of and part_of(name, tensor.shape))
+            values = file.dequantize(tensor, part)
         except (ValueError, NotImplementedError) as e:
             raise CheckpointError(f"{path}: tensor '{tensor.name}' ({kind}) cannot be dequantized ({e})") from None
         # F32 data is a read-only view of the memory-mapped file: copy it; dequantized data is fresh.
