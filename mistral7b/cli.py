@@ -566,20 +566,26 @@ def _chat_header(args, model, max_len: int | None) -> str:
 def _run_serve(args) -> None:
     from .defaults import DEFAULT_MODEL_NAME
     from .engine import Engine
+    from .engine.threaded import in_passing_thread
     from .server import create_app, kv_blocks
     from .server.run import serve
 
     _check_port(args.host, args.port)  # a busy port fails now, before the model loads and "serving" is printed
     template = _read_text(args.chat_template, "--chat-template") if args.chat_template else None
-    model, tokenizer = _load(args)
-    if template is not None:
-        tokenizer.set_chat_template(template, f"--chat-template {args.chat_template}")
-    _check_max_model_len(args.max_model_len, model)
-    _build_kernels(args.device)  # before /health answers, not in the first request
-    engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                    max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
-                    max_queue=args.max_queue, n_blocks=kv_blocks(model, args.kv_cache_gb),
-                    prefix_caching=not args.no_prefix_caching, speculative=_speculative(args))
+
+    def prepare() -> tuple[Engine, object]:
+        model, tokenizer = _load(args)
+        if template is not None:
+            tokenizer.set_chat_template(template, f"--chat-template {args.chat_template}")
+        _check_max_model_len(args.max_model_len, model)
+        _build_kernels(args.device)  # before /health answers, not in the first request
+        engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                        max_tokens_per_step=args.max_tokens_per_step, chunk_size=args.chunk_size,
+                        max_queue=args.max_queue, n_blocks=kv_blocks(model, args.kv_cache_gb),
+                        prefix_caching=not args.no_prefix_caching, speculative=_speculative(args))
+        return engine, tokenizer
+
+    engine, tokenizer = in_passing_thread(prepare)  # the engine thread's OpenMP pool must be the only one
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                      allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -251,3 +255,39 @@ def test_prompts_that_outgrow_the_pool_together_still_finish():
     plain = Engine(model, max_num_seqs=8, max_model_len=128, prefix_caching=False)
     assert [out[r.request_id] for r in requests] == _greedy_outputs(plain, prompts, 4)
     assert engine.preemptions_total > 0 and engine.cache.used_blocks == 0
+
+
+_POOL_CHECK = """
+import os, sys, torch
+from mistral7b.engine.threaded import in_passing_thread
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+work = lambda: (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()  # a parallel region
+assert (work() if sys.argv[1] == "main" else in_passing_thread(work)) == 256 ** 3
+print(before, threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_in_passing_thread_takes_its_openmp_workers_with_it():
+    """The server loads its model with in_passing_thread so that the engine thread's OpenMP pool is the
+    only one (libgomp stops spinning at barriers once pools outnumber the cores: decode at half speed).
+    Work done through it leaves no worker threads behind; the same work on the calling thread does."""
+    def counts(where: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _POOL_CHECK, where], capture_output=True, text=True, check=True)
+        before, after = map(int, out.stdout.split())
+        return before, after
+
+    before, after = counts("passing")
+    assert after == before
+    before, after = counts("main")  # the calling thread ran a parallel region too: its pool stays
+    assert after > before
+
+
+def test_in_passing_thread_returns_and_raises():
+    from mistral7b.engine.threaded import in_passing_thread
+
+    assert in_passing_thread(lambda: 42) == 42
+    with pytest.raises(InputError, match="bad flag"):
+        in_passing_thread(lambda: (_ for _ in ()).throw(InputError("bad flag")))

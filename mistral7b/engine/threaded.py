@@ -3,6 +3,9 @@
 The engine is touched only by its thread: new requests and aborts are handed over through
 thread-safe queues and applied between steps, so the event loop never waits for a forward pass.
 Outputs travel back to each request's asyncio queue with `call_soon_threadsafe`.
+
+The engine thread must be the only thread with OpenMP workers: prepare the engine (load the model)
+with `in_passing_thread`, never on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -13,13 +16,38 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TypeVar
 
 from ..errors import Mistral7BError
 from .engine import Engine, QueueFull
 from .request import Request, SequenceOutput
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() run in a thread that ends when it returns (its exception raised here).
+
+    Why: libgomp keeps a pool of OpenMP worker threads for every thread that ever ran a parallel
+    region, until that thread ends, and once the pools hold more threads than there are cores its
+    barriers stop spinning and sleep. A model loaded on the main thread (parallel torch ops) left
+    such a pool behind, and the engine thread's decode step, ~6 barriers a layer, ran at half
+    speed (65 instead of 125 steps/s on 2 cores). Loaded here, the pool goes with the thread."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="mistral7b-prepare", daemon=True)  # daemon: Ctrl-C need not wait
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @dataclass
