@@ -8,12 +8,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .bench import register as register_bench
 from .doctor import register as register_doctor
 from .errors import InputError, Mistral7BError
 from .eval.cli import register as register_eval
-from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .sampling import SamplingParams
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -403,6 +406,8 @@ def _load_model(args):
 
 
 def _params(args) -> SamplingParams:
+    from .sampling import SamplingParams
+
     if args.max_tokens < 0:
         raise InputError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     try:
@@ -746,9 +751,9 @@ def _human(info: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before torch is imported: --help and flag errors answer at once
     from .parallel import follow, is_rank0, launch
 
-    args = build_parser().parse_args(argv)
     tp = getattr(args, "tp", None)  # commands that can split the model over torchrun's processes
     try:
         with launch(tp, _device(args.device) if tp else "cpu") as leads:

@@ -10,8 +10,6 @@ import subprocess
 import time
 import warnings
 
-import torch
-
 
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="check the set-up and build the native kernels once",
@@ -27,10 +25,14 @@ def run(args=None) -> None:
 
 
 def _torch():
+    import torch
+
     return "ok", "torch", f"{torch.__version__} (Python {platform.python_version()})"
 
 
 def _threads():
+    import torch
+
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     detail = f"{torch.get_num_threads()} torch threads on {cores} CPU cores, load average {load:.1f}"
@@ -40,6 +42,8 @@ def _threads():
 
 
 def _cpu():
+    import torch
+
     from .kernels import native
 
     capability = torch.backends.cpu.get_cpu_capability()

@@ -68,6 +68,23 @@ def test_help_explains_every_command():
         assert flag in gen
 
 
+_NO_TORCH = """
+import sys
+from mistral7b.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print("exit", e.code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["chat", "--help"], ["serve", "--bogus"], ["eval", "--help"]])
+def test_help_and_flag_errors_answer_without_importing_torch(args):
+    """`import torch` is ~1.5 s: --help, and a mistyped flag, must not wait for it."""
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True)
+    assert out.stdout.splitlines()[-1] == f"exit {2 if '--bogus' in args else 0} False", out.stderr
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The default SmolLM2 GGUF converted to a Hugging Face folder by the command."""

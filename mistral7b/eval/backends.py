@@ -12,13 +12,14 @@ import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from tqdm import tqdm
 
-from ..engine import Engine, Request
 from ..errors import InputError
-from ..sampling import SamplingParams
+
+if TYPE_CHECKING:  # torch: imported when a model is scored, not by `mistral7b eval --help`
+    from ..sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def encode_pair(encode: Callable[[str], list[int]], prefix_id: int, context: str
 
 
 def _sampling(how: Sampling, **extra) -> SamplingParams:
+    from ..sampling import SamplingParams
+
     return SamplingParams(max_tokens=how.max_tokens, stop=how.stop, n=how.n, temperature=how.temperature,
                           top_p=how.top_p, seed=how.seed, **extra)
 
@@ -70,6 +73,8 @@ class EngineBackend:
         self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[float]:
+        from ..sampling import SamplingParams
+
         encoded = [encode_pair(self.tokenizer.encode, self.prefix_id, c, x) for c, x in pairs]
         params = SamplingParams(max_tokens=0, prompt_logprobs=0)
         outs = self._run([ctx + cont for ctx, cont in encoded], params, "log-likelihoods")
@@ -81,6 +86,8 @@ class EngineBackend:
 
     def _run(self, prompts: list[list[int]], params: SamplingParams, what: str) -> list[list[_Done]]:
         """Queue every prompt, step until all are done; per prompt, its finished sequences."""
+        from ..engine import Engine, Request
+
         longest = max(len(p) for p in prompts) + params.max_tokens
         engine = Engine(self.model, self.tokenizer, max_num_seqs=max(self.max_num_seqs, params.n),
                         max_model_len=longest, max_tokens_per_step=self.max_tokens_per_step,
