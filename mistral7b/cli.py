@@ -752,26 +752,33 @@ def _human(info: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before torch is imported: --help and flag errors answer at once
-    from .parallel import follow, is_rank0, launch
-
     tp = getattr(args, "tp", None)  # commands that can split the model over torchrun's processes
     try:
+        from .parallel import follow, launch  # imports torch (~1.5 s): a Ctrl-C here is caught too
+
         with launch(tp, _device(args.device) if tp else "cpu") as leads:
             if leads:
                 args.run(args)
             else:  # torchrun's other ranks: mirror rank 0's model calls on their part of the model
                 follow(lambda: _load_model(args))
     except Mistral7BError as e:
-        if tp is None or is_rank0():  # one line, not one per process
+        if _speaks(tp):  # one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if tp is None or is_rank0():
+        if _speaks(tp):
             print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
     return 0
+
+
+def _speaks(tp: int | None) -> bool:
+    """Whether this process prints a command's last words: the only one, or rank 0 of a --tp run. No
+    import here: a Ctrl-C may have cut the import of torch short, and a second try would fail."""
+    run = sys.modules.get("mistral7b.parallel.run")  # absent until the import is whole
+    return tp is None or run is None or run.is_rank0()
 
 
 def entry() -> None:

@@ -85,6 +85,25 @@ def test_help_and_flag_errors_answer_without_importing_torch(args):
     assert out.stdout.splitlines()[-1] == f"exit {2 if '--bogus' in args else 0} False", out.stderr
 
 
+_CTRL_C_IN_IMPORT = """
+import importlib.abc, sys
+from mistral7b.cli import main
+
+class CtrlC(importlib.abc.MetaPathFinder):  # the user's Ctrl-C, half-way through `import torch`
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.nn.modules.pixelshuffle":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+print("exit", main(["chat"]), "torch" in sys.modules)
+"""
+
+
+def test_ctrl_c_while_torch_imports_is_one_line():
+    out = subprocess.run([sys.executable, "-c", _CTRL_C_IN_IMPORT], capture_output=True, text=True)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "exit 130 False\n", "\ninterrupted\n")
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The default SmolLM2 GGUF converted to a Hugging Face folder by the command."""
