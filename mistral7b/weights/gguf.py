@@ -53,8 +53,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def open_file(path: Path) -> GGUFFile:
-    """The parsed file. gguf_file is imported here, not at the top: it loads the gguf package, slow
-    to import, which `import mistral7b` should not pay."""
+    """The parsed file. gguf_file is imported here, not at the top: it loads the gguf package
+    (~0.1 s), which `import mistral7b` should not pay."""
     from ..gguf_file import open_gguf
 
     return open_gguf(path)
@@ -141,16 +141,17 @@ def read_tensors(path: Path, args: ModelArgs, part_of: PartOf | None = None, *, 
             raise CheckpointError(f"{path}: tensor '{tensor.name}' has type {kind}, which mistral7b cannot read "
                                   f"(supported: {', '.join(_SUPPORTED_TYPES)})")
         target = "output.weight" if args.tied_embeddings and name == _EMBEDDING else name
+        weight = None
         if packed and target.endswith(_LINEAR_SUFFIXES):
             if (weight := _packed(file, tensor, part_of and part_of(target, tensor.shape))) is not None:
                 yield target, weight
                 if target == name:  # a tied embedding is the float lookup table as well
                     continue
         part = part_of and part_of(name, tensor.shape)
-        # A Q8_0/Q4_x matrix: the values ggml computes, from our layer's blocks, 5-10x faster than the
-        # gguf package's dequantizer.
-        if len(tensor.shape) == 2 and (weight := _packed(file, tensor, part)) is not None:
-            yield name, _dequantized(weight)
+        if (weight is None or part is not None) and len(tensor.shape) == 2:  # else: the tied twin's blocks
+            weight = _packed(file, tensor, part)
+        if weight is not None:  # a Q8_0/Q4_x matrix: the values ggml computes, from our layer's blocks,
+            yield name, _dequantized(weight)  # 5-10x faster than the gguf package's dequantizer
             continue
         try:
             values = file.dequantize(tensor, part)
